@@ -1,0 +1,3 @@
+from lightning_sd.cli import main
+
+main()

@@ -1,0 +1,104 @@
+"""LoRA and DoRA adapter settings, turned into a peft ``LoraConfig`` and injected into a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = ["TARGET_PRESETS", "AdapterConfig", "add_adapter", "trainable_parameters"]
+
+_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+_FF = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+# LoCon-style: also the ResNet and resampling convolutions.
+_CONV = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
+
+TARGET_PRESETS: dict[str, list[str]] = {
+    "attn": _ATTN,
+    "attn_ff": _ATTN + _FF,
+    "full": _ATTN + _FF + _CONV,
+}
+
+_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+@dataclass
+class AdapterConfig:
+    """One adapter: what kind, how big, where.
+
+    Attributes:
+        kind: ``lora`` (Hu et al. 2021) or ``dora``, weight-decomposed LoRA (Liu et al. 2024).
+        rank: the adapter rank r.
+        alpha: the scale numerator: the update is (alpha / r) B A. Independent of rank; ``None``
+            means alpha = rank (scale 1), which is what the diffusers scripts always use.
+        dropout: dropout on the adapter input.
+        init: ``default`` (B = 0, so training starts at the base model), ``gaussian``, or peft's
+            SVD-based ``pissa`` / ``olora`` (these change the base weights at start).
+        targets: a preset of ``TARGET_PRESETS`` (``attn``, ``attn_ff``, ``full``), or a list of
+            module-name suffixes, or one regular expression over full module names.
+    """
+
+    kind: Literal["lora", "dora"] = "lora"
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    targets: list[str] | str = field(default="attn")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def target_modules(self) -> list[str] | str:
+        """peft's ``target_modules``: suffixes for a preset or list, a regex for a string."""
+        if isinstance(self.targets, str):
+            return TARGET_PRESETS.get(self.targets, self.targets)
+        return list(self.targets)
+
+    def to_peft(self):
+        """The equivalent ``peft.LoraConfig``."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.dropout,
+            init_lora_weights=_INIT[self.init],
+            target_modules=self.target_modules(),
+            use_dora=self.kind == "dora",
+        )
+
+
+def add_adapter(model: torch.nn.Module, config: AdapterConfig, name: str = "default") -> None:
+    """Inject the adapter into a diffusers or transformers model through its peft integration.
+
+    The adapter parameters are cast to float32 whatever the base dtype: peft gives them the
+    base layer's dtype, and half-precision adapters underflow in Adam's updates. Lightning keeps
+    each submodule's train/eval mode, so the adapter dropout is put in train mode here.
+    """
+    peft_config = config.to_peft()
+    try:
+        model.add_adapter(peft_config, adapter_name=name)
+    except ValueError as err:
+        raise ValueError(
+            f"adapter targets {config.targets!r} match no module of {type(model).__name__}: {err}"
+        ) from err
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    # The frozen base stays in eval mode; the adapter's dropout must still act in training.
+    for module_name, module in model.named_modules():
+        if module_name.endswith("lora_dropout"):
+            module.train()
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer should see (the adapters; the base stays frozen)."""
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,5 @@
+"""Lightning callbacks, each independent of the others."""
+
+from lightning_sd.callbacks.export import LoRAExport
+
+__all__ = ["LoRAExport"]

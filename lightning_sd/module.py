@@ -1,0 +1,226 @@
+"""The system: a frozen Stable Diffusion pipeline, trainable adapters, and a noise objective."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Literal
+
+import torch
+from lightning import LightningModule
+
+from lightning_sd.adapters import AdapterConfig, add_adapter, trainable_parameters
+from lightning_sd.components import load_components
+from lightning_sd.objectives import DiffusionObjective
+from lightning_sd.serialization import from_config, to_config
+
+__all__ = ["StableDiffusionLoRA"]
+
+LRSchedule = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+
+
+class StableDiffusionLoRA(LightningModule):
+    """Fine-tune a Stable Diffusion UNet through LoRA/DoRA adapters with a chosen objective.
+
+    The base weights are frozen and reloaded from their source; checkpoints hold only what
+    trains (adapters), plus the optimizer and loop state Lightning adds.
+
+    Args:
+        pretrained_model_name_or_path: hub id or local pipeline folder, as diffusers takes it.
+        revision: hub revision of the base model.
+        variant: weight-file variant of the base model (e.g. ``fp16``).
+        adapter: the UNet adapter (kind, rank, alpha, targets). Checkpoints store it as a dict,
+            which is accepted too.
+        objective: the noise objective; default epsilon prediction with uniform timesteps.
+            Checkpoints store it as a ``class_path`` dict, which is accepted too.
+        learning_rate: AdamW learning rate for the adapters.
+        adam_weight_decay: AdamW decoupled weight decay.
+        lr_scheduler: diffusers ``get_scheduler`` schedule name, stepped every optimizer step.
+        lr_warmup_steps: linear warm-up steps of the schedule.
+        heldout_seed: seeds the fixed noise and timesteps of the held-out validation loss.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str,
+        revision: str | None = None,
+        variant: str | None = None,
+        adapter: AdapterConfig | None = None,
+        objective: DiffusionObjective | None = None,
+        learning_rate: float = 1e-4,
+        adam_weight_decay: float = 1e-2,
+        lr_scheduler: LRSchedule = "constant",
+        lr_warmup_steps: int = 0,
+        heldout_seed: int = 0,
+    ):
+        super().__init__()
+        # Checkpoints restore from plain hparams (torch.load(weights_only=True) refuses classes),
+        # so the adapter and objective are stored in their YAML form and rebuilt from it.
+        if isinstance(adapter, dict):
+            adapter = AdapterConfig(**adapter)
+        if isinstance(objective, dict):
+            objective = from_config(objective)
+        self.adapter = adapter or AdapterConfig()
+        self.objective = objective or DiffusionObjective()
+        self.save_hyperparameters(ignore=["adapter", "objective"])
+        self.hparams["adapter"] = dataclasses.asdict(self.adapter)
+        self.hparams["objective"] = to_config(self.objective)
+        self.unet = self.vae = self.text_encoder = self.tokenizer = None
+        # Checkpoints hold adapters only; on_load_checkpoint checks nothing trainable is missing.
+        self.strict_loading = False
+
+    # -- model ------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the frozen base and inject the adapters; idempotent, as Lightning requires."""
+        if self.unet is not None:
+            return
+        h = self.hparams
+        parts = load_components(h.pretrained_model_name_or_path, h.revision, h.variant)
+        self.vae, self.text_encoder, self.tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
+        self.unet = parts.unet
+        add_adapter(self.unet, self.adapter)
+        self.objective.set_schedule(parts.scheduler)
+
+    def unet_fn(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """The UNet as the objective calls it: ``model(x_in, t, **cond) -> output``."""
+        return self.unet(x, t, **cond, return_dict=False)[0]
+
+    @torch.no_grad()
+    def encode_latents(self, pixel_values: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Images in [-1, 1] to scaled VAE latents (the mean, when ``sample`` is False)."""
+        dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        latents = dist.sample() if sample else dist.mode()
+        shift = self.vae.config.shift_factor or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents to images in [0, 1]."""
+        shift = self.vae.config.shift_factor or 0.0
+        z = latents / self.vae.config.scaling_factor + shift
+        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts to the UNet's conditioning keyword arguments."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return {"encoder_hidden_states": self.text_encoder(ids, return_dict=False)[0]}
+
+    # -- steps ------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        latents = self.encode_latents(batch["pixel_values"])
+        cond = self.encode_text(batch["prompt"])
+        per_sample = self.objective.loss(self.unet_fn, latents, **cond)
+        loss = (per_sample * batch["loss_weight"]).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Held-out loss with noise and timesteps fixed by ``heldout_seed`` and the batch index.
+
+        The same weights always give the same number, so runs and objectives compare.
+        """
+        latents = self.encode_latents(batch["pixel_values"], sample=False)
+        noise, sigma = self.heldout_noise(latents, batch_idx)
+        per_sample = self.objective.loss(
+            self.unet_fn, latents, noise=noise, sigma=sigma, **self.encode_text(batch["prompt"])
+        )
+        loss = (per_sample * batch["loss_weight"]).mean()
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(latents))
+        return loss
+
+    def heldout_noise(self, latents: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, ...]:
+        """Fixed noise and uniformly drawn training timesteps for one held-out batch."""
+        gen = torch.Generator().manual_seed(self.hparams.heldout_seed * 100_003 + batch_idx)
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        sigmas = self.objective.schedule.sigmas
+        t = torch.randint(0, len(sigmas), (len(latents),), generator=gen)
+        return noise, sigmas.cpu()[t].to(latents)
+
+    # -- sampling ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int = 20,
+        guidance_scale: float = 5.0,
+        negative_prompt: str = "",
+        resolution: int | None = None,
+    ) -> torch.Tensor:
+        """Sample one image per (prompt, seed) pair through the objective's ``denoise``.
+
+        Noise comes from per-seed generators, so sampling never touches the global RNG.
+
+        Returns:
+            Images in [0, 1], shape (N, 3, H, W).
+        """
+        from lightning_sd.sampling import sample
+
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = (resolution or self.unet.config.sample_size * vae_factor) // vae_factor
+        shape = (self.unet.config.in_channels, side, side)
+        noise = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        ).to(self.device)
+        cond = self.encode_text(prompts)
+        uncond = self.encode_text([negative_prompt] * len(prompts))
+        latents = sample(
+            self.objective,
+            self.unet_fn,
+            noise,
+            cond=cond,
+            uncond=uncond,
+            guidance_scale=guidance_scale,
+            steps=steps,
+        )
+        return self.decode_latents(latents)
+
+    # -- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        from diffusers.optimization import get_scheduler
+
+        h = self.hparams
+        params = trainable_parameters(self)
+        optimizer = torch.optim.AdamW(params, lr=h.learning_rate, weight_decay=h.adam_weight_decay)
+        scheduler = get_scheduler(
+            h.lr_scheduler,
+            optimizer,
+            num_warmup_steps=h.lr_warmup_steps,
+            num_training_steps=max(int(self.trainer.estimated_stepping_batches), 1),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: adapters only ---------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        """Only trainable tensors; the signature stays open because DeepSpeed passes more."""
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        keep = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
+        return type(full)((k, v) for k, v in full.items() if k in keep)
+
+    @classmethod
+    def load_from_checkpoint(cls, *args, **kwargs):
+        """Lightning's loader, without its warning that the frozen base is not in the file."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state")
+            return super().load_from_checkpoint(*args, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Non-strict loading must still fail when an adapter weight is missing."""
+        self.configure_model()
+        saved = checkpoint["state_dict"].keys()
+        missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in saved]
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks {len(missing)} trainable tensors of this model, e.g. "
+                f"{missing[:3]}: it was made with another adapter configuration"
+            )

@@ -1,0 +1,45 @@
+"""Diffusion training objectives as composable parts (see docs/objectives.md).
+
+A :class:`DiffusionObjective` combines a :class:`Parameterization` (what the network predicts),
+a :class:`SigmaSampler` (which noise levels it trains on), a :class:`Weighting` (how each noise
+level counts) and the checkpoint's :class:`DiscreteSchedule`.
+"""
+
+from lightning_sd.objectives.objective import DiffusionObjective, Model
+from lightning_sd.objectives.parameterization import (
+    EDM,
+    Epsilon,
+    Parameterization,
+    Sample,
+    Scalings,
+    VPrediction,
+)
+from lightning_sd.objectives.schedule import DiscreteSchedule, EDMSchedule
+from lightning_sd.objectives.sigma_sampling import (
+    DiscreteLogitNormal,
+    DiscreteUniform,
+    LogNormal,
+    SigmaSampler,
+)
+from lightning_sd.objectives.weighting import Canonical, EDMWeighting, MinSNR, Weighting
+
+__all__ = [
+    "EDM",
+    "Canonical",
+    "DiffusionObjective",
+    "DiscreteLogitNormal",
+    "DiscreteSchedule",
+    "DiscreteUniform",
+    "EDMSchedule",
+    "EDMWeighting",
+    "Epsilon",
+    "LogNormal",
+    "MinSNR",
+    "Model",
+    "Parameterization",
+    "Sample",
+    "Scalings",
+    "SigmaSampler",
+    "VPrediction",
+    "Weighting",
+]

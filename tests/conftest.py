@@ -1,0 +1,36 @@
+"""Session-wide fixtures: one tiny pipeline and one instance set, built offline, shared by all."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    from lightning_sd.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory):
+    """Eight real photo crops (scikit-image's cat), as a DreamBooth instance folder."""
+    from lightning_sd.demo import write_instance_photos
+
+    return write_instance_photos(tmp_path_factory.mktemp("instance"), count=8, side=48)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
