@@ -117,10 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pipeline            {pipe_dir} (preset {args.preset}, {resolution} px, random weights)")
     print(f"instance images     {instance_dir} ({len(data.train_set)} crops of skimage 'chelsea')")
     print(f"steps               {trainer.global_step}")
-    print(f"train loss          first 10 steps mean {sum(first) / len(first):.4f}"
-          f" -> last 10 steps mean {sum(last) / len(last):.4f}")
-    print(f"held-out loss       before {before:.4f} -> after {after:.4f}"
-          " (fixed noise and timesteps, instance images)")
+    print(
+        f"train loss          first 10 steps mean {sum(first) / len(first):.4f}"
+        f" -> last 10 steps mean {sum(last) / len(last):.4f}"
+    )
+    print(
+        f"held-out loss       before {before:.4f} -> after {after:.4f}"
+        " (fixed noise and timesteps, instance images)"
+    )
     print(f"LoRA (diffusers)    {export.written}")
     print(f"sample grid         {grid_path}")
     print(f"logs + checkpoints  {trainer.log_dir}")

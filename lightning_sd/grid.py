@@ -43,7 +43,9 @@ def image_grid(
         tile = Image.fromarray(array).resize((side_w, side_h), Image.NEAREST)
         grid.paste(tile, (left + pad + c * (side_w + pad), top + pad + r * (side_h + pad)))
     for r, label in enumerate(row_labels or []):
-        draw.text((4, top + pad + r * (side_h + pad) + side_h // 2 - 5), label, fill="black", font=font)
+        draw.text(
+            (4, top + pad + r * (side_h + pad) + side_h // 2 - 5), label, fill="black", font=font
+        )
     for c, label in enumerate(col_labels or []):
         draw.text((left + pad + c * (side_w + pad), 2), label, fill="black", font=font)
     return grid

@@ -12,6 +12,7 @@ from lightning import LightningModule
 from lightning_sd.adapters import AdapterConfig, add_adapter, trainable_parameters
 from lightning_sd.components import load_components
 from lightning_sd.objectives import DiffusionObjective
+from lightning_sd.sampling import Sampler, sample
 from lightning_sd.serialization import from_config, to_config
 
 __all__ = ["StableDiffusionLoRA"]
@@ -115,9 +116,19 @@ class StableDiffusionLoRA(LightningModule):
         return {"encoder_hidden_states": self.text_encoder(ids, return_dict=False)[0]}
 
     # -- steps ------------------------------------------------------------------------------
+    def batch_latents(self, batch: dict, sample: bool = True) -> torch.Tensor:
+        """Cached latents when the data serves them, else the VAE encoding of the pixels."""
+        if "latents" in batch:
+            return batch["latents"].float()
+        return self.encode_latents(batch["pixel_values"], sample=sample)
+
+    def batch_cond(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Cached text conditioning (``batch["cond"]``) when served, else the encoded prompts."""
+        return batch["cond"] if "cond" in batch else self.encode_text(batch["prompt"])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        latents = self.encode_latents(batch["pixel_values"])
-        cond = self.encode_text(batch["prompt"])
+        latents = self.batch_latents(batch)
+        cond = self.batch_cond(batch)
         per_sample = self.objective.loss(self.unet_fn, latents, **cond)
         loss = (per_sample * batch["loss_weight"]).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
@@ -128,10 +139,10 @@ class StableDiffusionLoRA(LightningModule):
 
         The same weights always give the same number, so runs and objectives compare.
         """
-        latents = self.encode_latents(batch["pixel_values"], sample=False)
+        latents = self.batch_latents(batch, sample=False)
         noise, sigma = self.heldout_noise(latents, batch_idx)
         per_sample = self.objective.loss(
-            self.unet_fn, latents, noise=noise, sigma=sigma, **self.encode_text(batch["prompt"])
+            self.unet_fn, latents, noise=noise, sigma=sigma, **self.batch_cond(batch)
         )
         loss = (per_sample * batch["loss_weight"]).mean()
         self.log("val/loss", loss, prog_bar=True, batch_size=len(latents))
@@ -155,16 +166,24 @@ class StableDiffusionLoRA(LightningModule):
         guidance_scale: float = 5.0,
         negative_prompt: str = "",
         resolution: int | None = None,
+        sampler: Sampler | None = None,
     ) -> torch.Tensor:
         """Sample one image per (prompt, seed) pair through the objective's ``denoise``.
 
         Noise comes from per-seed generators, so sampling never touches the global RNG.
 
+        Args:
+            prompts: one prompt per image.
+            seeds: one seed per image (its initial noise).
+            steps: sampler steps over Karras sigmas of the checkpoint's range.
+            guidance_scale: classifier-free guidance weight (1 disables it).
+            negative_prompt: the unconditional prompt of guidance.
+            resolution: image side; default the UNet's native sample size.
+            sampler: ``Euler``, ``Heun`` or ``DPMPP2M`` (default) from ``lightning_sd.sampling``.
+
         Returns:
             Images in [0, 1], shape (N, 3, H, W).
         """
-        from lightning_sd.sampling import sample
-
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         side = (resolution or self.unet.config.sample_size * vae_factor) // vae_factor
         shape = (self.unet.config.in_channels, side, side)
@@ -181,6 +200,7 @@ class StableDiffusionLoRA(LightningModule):
             uncond=uncond,
             guidance_scale=guidance_scale,
             steps=steps,
+            sampler=sampler,
         )
         return self.decode_latents(latents)
 
@@ -197,7 +217,10 @@ class StableDiffusionLoRA(LightningModule):
             num_warmup_steps=h.lr_warmup_steps,
             num_training_steps=max(int(self.trainer.estimated_stepping_batches), 1),
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # -- checkpoints: adapters only ---------------------------------------------------------
     def state_dict(self, *args, **kwargs):

@@ -34,7 +34,8 @@ def to_config(obj: Any) -> Any:
         names = [
             p.name
             for p in params
-            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            if p.name != "self"
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
             and p.name not in skip
         ]
     missing = [n for n in names if not hasattr(obj, n)]

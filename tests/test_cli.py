@@ -15,14 +15,23 @@ BASE = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 def test_every_config_parses_and_instantiates(config, tmp_path):
     """Each YAML composes with the tiny recipe (a second --config) and builds its objects."""
     cli = build_cli(
-        ["--config", str(BASE), "--config", str(config), "--trainer.default_root_dir", str(tmp_path)],
+        [
+            "--config",
+            str(BASE),
+            "--config",
+            str(config),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
         run=False,
     )
     assert isinstance(cli.model.objective, DiffusionObjective)
     assert cli.datamodule is not None and cli.trainer.max_steps > 0
 
 
-def test_fit_exports_then_validate_from_checkpoint(tiny_pipeline_dir, instance_dir, tmp_path, caplog):
+def test_fit_exports_then_validate_from_checkpoint(
+    tiny_pipeline_dir, instance_dir, tmp_path, caplog
+):
     common = [
         "--config", str(BASE),
         "--model.pretrained_model_name_or_path", str(tiny_pipeline_dir),

@@ -87,6 +87,8 @@ def test_checkpoint_holds_only_adapters_and_restores_them(fitted, tmp_path, tiny
     restored = StableDiffusionLoRA.load_from_checkpoint(tmp_path / "a.ckpt")
     assert heldout(restored, data) == after
 
-    other = StableDiffusionLoRA(str(tiny_pipeline_dir), adapter=AdapterConfig(rank=4, targets=["to_q"]))
+    other = StableDiffusionLoRA(
+        str(tiny_pipeline_dir), adapter=AdapterConfig(rank=4, targets=["to_q"])
+    )
     with pytest.raises(KeyError, match="lacks"):
         other.on_load_checkpoint({"state_dict": {"unet.x": torch.zeros(1)}})
