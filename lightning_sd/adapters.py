@@ -9,16 +9,27 @@ import torch
 
 __all__ = ["TARGET_PRESETS", "AdapterConfig", "add_adapter", "trainable_parameters"]
 
-_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
-_FF = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+_UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+_UNET_FF = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 # LoCon-style: also the ResNet and resampling convolutions.
-_CONV = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
+_UNET_CONV = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
+_CLIP_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
+_CLIP_MLP = ["fc1", "fc2"]
 
-TARGET_PRESETS: dict[str, list[str]] = {
-    "attn": _ATTN,
-    "attn_ff": _ATTN + _FF,
-    "full": _ATTN + _FF + _CONV,
+# Module-name suffixes per preset, for each model family the presets apply to.
+TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
+    "unet": {
+        "attn": _UNET_ATTN,
+        "attn_ff": _UNET_ATTN + _UNET_FF,
+        "full": _UNET_ATTN + _UNET_FF + _UNET_CONV,
+    },
+    "text_encoder": {
+        "attn": _CLIP_ATTN,
+        "attn_ff": _CLIP_ATTN + _CLIP_MLP,
+        "full": _CLIP_ATTN + _CLIP_MLP,
+    },
 }
+
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
@@ -56,14 +67,20 @@ class AdapterConfig:
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
 
-    def target_modules(self) -> list[str] | str:
+    def target_modules(self, family: str = "unet") -> list[str] | str:
         """peft's ``target_modules``: suffixes for a preset or list, a regex for a string."""
         if isinstance(self.targets, str):
-            return TARGET_PRESETS.get(self.targets, self.targets)
+            return TARGET_PRESETS[family].get(self.targets, self.targets)
         return list(self.targets)
 
-    def to_peft(self):
-        """The equivalent ``peft.LoraConfig``."""
+    def to_peft(self, family: str = "unet", layers: list[int] | None = None):
+        """The equivalent ``peft.LoraConfig``.
+
+        Args:
+            family: ``unet`` or ``text_encoder``: which names the target presets expand to.
+            layers: restrict a transformer's adapters to these layer indices (peft's
+                ``layers_to_transform``), to leave out layers that receive no gradient.
+        """
         from peft import LoraConfig
 
         return LoraConfig(
@@ -71,19 +88,38 @@ class AdapterConfig:
             lora_alpha=self.lora_alpha,
             lora_dropout=self.dropout,
             init_lora_weights=_INIT[self.init],
-            target_modules=self.target_modules(),
+            target_modules=self.target_modules(family),
             use_dora=self.kind == "dora",
+            layers_to_transform=layers,
+            layers_pattern="layers" if layers is not None else None,
         )
 
 
-def add_adapter(model: torch.nn.Module, config: AdapterConfig, name: str = "default") -> None:
-    """Inject the adapter into a diffusers or transformers model through its peft integration.
+def add_adapter(
+    model: torch.nn.Module,
+    config: AdapterConfig,
+    name: str = "default",
+    skip_last_layers: int = 0,
+) -> None:
+    """Inject the adapter into a diffusers UNet or a CLIP text encoder through peft.
+
+    Args:
+        model: a ``UNet2DConditionModel`` or a transformers CLIP text model.
+        config: the adapter.
+        name: the peft adapter name.
+        skip_last_layers: for text encoders, leave out the last layers. Their output is
+            unused when the prompt embedding is taken before them (clip skip, SDXL's
+            penultimate layer): adapters there get no gradient, which breaks DDP.
 
     The adapter parameters are cast to float32 whatever the base dtype: peft gives them the
     base layer's dtype, and half-precision adapters underflow in Adam's updates. Lightning keeps
     each submodule's train/eval mode, so the adapter dropout is put in train mode here.
     """
-    peft_config = config.to_peft()
+    family = "unet" if hasattr(model, "down_blocks") else "text_encoder"
+    layers = None
+    if family == "text_encoder" and skip_last_layers:
+        layers = list(range(model.config.num_hidden_layers - skip_last_layers))
+    peft_config = config.to_peft(family, layers)
     try:
         model.add_adapter(peft_config, adapter_name=name)
     except ValueError as err:

@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         f"held-out loss       before {before:.4f} -> after {after:.4f}"
         " (fixed noise and timesteps, instance images)"
     )
-    print(f"LoRA (diffusers)    {export.written}")
+    print(f"LoRA (diffusers)    {export.written_lora}")
+    print(f"LoRA (kohya)        {export.written.get('kohya')}")
+    print(f"model card          {export.written.get('card')}")
     print(f"sample grid         {grid_path}")
     print(f"logs + checkpoints  {trainer.log_dir}")
     print(f"wall time           {time.time() - start:.0f} s")

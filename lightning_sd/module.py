@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Literal
 
 import torch
 from lightning import LightningModule
 
+from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig, add_adapter, trainable_parameters
 from lightning_sd.components import load_components
+from lightning_sd.lora_io import load_lora_into
 from lightning_sd.objectives import DiffusionObjective
+from lightning_sd.optim import LRSchedule, lr_lambda
+from lightning_sd.pivotal import ExtendedEmbedding, PivotalTuning, add_tokens
 from lightning_sd.sampling import Sampler, sample
 from lightning_sd.serialization import from_config, to_config
 
 __all__ = ["StableDiffusionLoRA"]
-
-LRSchedule = Literal[
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-]
 
 
 class StableDiffusionLoRA(LightningModule):
@@ -33,12 +32,19 @@ class StableDiffusionLoRA(LightningModule):
         revision: hub revision of the base model.
         variant: weight-file variant of the base model (e.g. ``fp16``).
         adapter: the UNet adapter (kind, rank, alpha, targets). Checkpoints store it as a dict,
-            which is accepted too.
+            which is accepted too (likewise for the next two).
+        text_encoder_adapter: an adapter on the text encoder too; ``None`` keeps it frozen.
+        pivotal_tuning: new tokens trained with the LoRA (prompts use the abstraction).
+        lora_weights: a LoRA file or folder (diffusers or kohya layout) to continue training
+            from; it must match the configured adapters (modules, rank, alpha).
         objective: the noise objective; default epsilon prediction with uniform timesteps.
             Checkpoints store it as a ``class_path`` dict, which is accepted too.
-        learning_rate: AdamW learning rate for the adapters.
+        clip_skip: condition on the text encoder's hidden state this many layers before the
+            last (diffusers' ``clip_skip``; 0 = last layer). Skipped layers get no adapter.
+        learning_rate: AdamW learning rate for the UNet adapters.
+        text_encoder_lr: learning rate of the text-encoder adapters (default ``learning_rate``).
         adam_weight_decay: AdamW decoupled weight decay.
-        lr_scheduler: diffusers ``get_scheduler`` schedule name, stepped every optimizer step.
+        lr_scheduler: the schedule after warm-up, stepped every optimizer step.
         lr_warmup_steps: linear warm-up steps of the schedule.
         heldout_seed: seeds the fixed noise and timesteps of the held-out validation loss.
     """
@@ -49,8 +55,13 @@ class StableDiffusionLoRA(LightningModule):
         revision: str | None = None,
         variant: str | None = None,
         adapter: AdapterConfig | None = None,
+        text_encoder_adapter: AdapterConfig | None = None,
+        pivotal_tuning: PivotalTuning | None = None,
+        lora_weights: str | None = None,
         objective: DiffusionObjective | None = None,
+        clip_skip: int = 0,
         learning_rate: float = 1e-4,
+        text_encoder_lr: float | None = None,
         adam_weight_decay: float = 1e-2,
         lr_scheduler: LRSchedule = "constant",
         lr_warmup_steps: int = 0,
@@ -61,12 +72,24 @@ class StableDiffusionLoRA(LightningModule):
         # so the adapter and objective are stored in their YAML form and rebuilt from it.
         if isinstance(adapter, dict):
             adapter = AdapterConfig(**adapter)
+        if isinstance(text_encoder_adapter, dict):
+            text_encoder_adapter = AdapterConfig(**text_encoder_adapter)
+        if isinstance(pivotal_tuning, dict):
+            pivotal_tuning = PivotalTuning(**pivotal_tuning)
         if isinstance(objective, dict):
             objective = from_config(objective)
         self.adapter = adapter or AdapterConfig()
+        self.text_encoder_adapter = text_encoder_adapter
+        self.pivotal_tuning = pivotal_tuning
         self.objective = objective or DiffusionObjective()
-        self.save_hyperparameters(ignore=["adapter", "objective"])
+        self.save_hyperparameters(
+            ignore=["adapter", "text_encoder_adapter", "pivotal_tuning", "objective"]
+        )
         self.hparams["adapter"] = dataclasses.asdict(self.adapter)
+        self.hparams["text_encoder_adapter"] = text_encoder_adapter and dataclasses.asdict(
+            text_encoder_adapter
+        )
+        self.hparams["pivotal_tuning"] = pivotal_tuning and dataclasses.asdict(pivotal_tuning)
         self.hparams["objective"] = to_config(self.objective)
         self.unet = self.vae = self.text_encoder = self.tokenizer = None
         # Checkpoints hold adapters only; on_load_checkpoint checks nothing trainable is missing.
@@ -82,7 +105,32 @@ class StableDiffusionLoRA(LightningModule):
         self.vae, self.text_encoder, self.tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
         self.unet = parts.unet
         add_adapter(self.unet, self.adapter)
+        if self.text_encoder_adapter is not None:
+            add_adapter(self.text_encoder, self.text_encoder_adapter, skip_last_layers=h.clip_skip)
+        if self.pivotal_tuning is not None:
+            add_tokens(self.tokenizer, self.text_encoder, self.pivotal_tuning)
+        if h.lora_weights:
+            load_lora_into(h.lora_weights, self.adapted_components())
         self.objective.set_schedule(parts.scheduler)
+
+    def adapted_components(self) -> dict[str, torch.nn.Module]:
+        """The parts that may carry adapters, by their diffusers names."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def training_metadata(self) -> dict:
+        """Facts written into exported files' headers and model cards."""
+        h = self.hparams
+        return {
+            "base_model": h.pretrained_model_name_or_path,
+            "revision": h.revision,
+            "adapter": h.adapter,
+            "text_encoder_adapter": h.text_encoder_adapter,
+            "pivotal_tuning": h.pivotal_tuning,
+            "objective": h.objective,
+            "clip_skip": h.clip_skip,
+            "steps": self.trainer.global_step if self._trainer is not None else None,
+            "lightning_sd_version": __version__,
+        }
 
     def unet_fn(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """The UNet as the objective calls it: ``model(x_in, t, **cond) -> output``."""
@@ -105,7 +153,13 @@ class StableDiffusionLoRA(LightningModule):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Prompts to the UNet's conditioning keyword arguments."""
+        """Prompts to the UNet's conditioning keyword arguments.
+
+        The pivotal-tuning abstraction (``TOK``) is replaced by its tokens here, so data,
+        validation prompts and generation all write prompts the same way.
+        """
+        if self.pivotal_tuning is not None:
+            prompts = [self.pivotal_tuning.substitute(p) for p in prompts]
         ids = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -113,7 +167,13 @@ class StableDiffusionLoRA(LightningModule):
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return {"encoder_hidden_states": self.text_encoder(ids, return_dict=False)[0]}
+        skip = self.hparams.clip_skip
+        out = self.text_encoder(ids, output_hidden_states=skip > 0)
+        if skip == 0:
+            return {"encoder_hidden_states": out.last_hidden_state}
+        # As diffusers does for clip_skip: an earlier layer, through the final layer norm.
+        final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        return {"encoder_hidden_states": final_norm(out.hidden_states[-(skip + 1)])}
 
     # -- steps ------------------------------------------------------------------------------
     def batch_latents(self, batch: dict, sample: bool = True) -> torch.Tensor:
@@ -205,18 +265,44 @@ class StableDiffusionLoRA(LightningModule):
         return self.decode_latents(latents)
 
     # -- optimisation -----------------------------------------------------------------------
-    def configure_optimizers(self):
-        from diffusers.optimization import get_scheduler
+    def param_groups(self) -> list[dict]:
+        """One optimizer group per trained part, each with its own learning rate.
 
+        Empty groups are never created (DeepSpeed rejects them).
+        """
         h = self.hparams
-        params = trainable_parameters(self)
-        optimizer = torch.optim.AdamW(params, lr=h.learning_rate, weight_decay=h.adam_weight_decay)
-        scheduler = get_scheduler(
-            h.lr_scheduler,
-            optimizer,
-            num_warmup_steps=h.lr_warmup_steps,
-            num_training_steps=max(int(self.trainer.estimated_stepping_batches), 1),
-        )
+        te_lr = h.text_encoder_lr if h.text_encoder_lr is not None else h.learning_rate
+        groups = [
+            {"name": "unet", "params": trainable_parameters(self.unet), "lr": h.learning_rate},
+            {
+                "name": "text_encoder",
+                "params": [
+                    p
+                    for n, p in self.text_encoder.named_parameters()
+                    if p.requires_grad and "lora_" in n
+                ],
+                "lr": te_lr,
+            },
+        ]
+        embedding = self.text_encoder.get_input_embeddings()
+        if isinstance(embedding, ExtendedEmbedding):
+            lr = self.pivotal_tuning.learning_rate
+            groups.append({"name": "embeddings", "params": [embedding.new], "lr": lr})
+            groups[-1]["weight_decay"] = 0.0
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self):
+        h = self.hparams
+        groups = self.param_groups()
+        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, weight_decay=h.adam_weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        lambdas = []
+        for group in groups:
+            stop = None
+            if group["name"] == "embeddings":
+                stop = round(self.pivotal_tuning.train_fraction * total)
+            lambdas.append(lr_lambda(h.lr_scheduler, h.lr_warmup_steps, total, stop))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

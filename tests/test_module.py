@@ -32,7 +32,7 @@ def fitted(tiny_pipeline_dir, instance_dir, tmp_path_factory):
         **QUIET,
     )
     trainer.fit(module, data)
-    return module, data, before, heldout(module, data), export.written
+    return module, data, before, heldout(module, data), export.written_lora
 
 
 def unet_out(unet, module, seed=0):

@@ -1,37 +1,115 @@
-"""Write the trained adapters as LoRA files when fitting ends."""
+"""Write the trained adapters as LoRA files (diffusers + kohya), embeddings and a model card."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_sd.lora_io import save_diffusers_lora
+from lightning_sd.embeddings import EMBEDDINGS_NAME, save_embeddings
+from lightning_sd.lora_io import (
+    KOHYA_WEIGHT_NAME,
+    LoRAFileError,
+    kohya_prefixes,
+    save_diffusers_lora,
+    save_kohya_lora,
+)
+from lightning_sd.model_card import write_model_card
 
-__all__ = ["LoRAExport"]
+__all__ = ["LoRAExport", "export_adapters"]
+
+Format = Literal["diffusers", "kohya"]
+
+
+def export_adapters(
+    module: LightningModule,
+    out_dir: str | Path,
+    formats: list[Format] | tuple[Format, ...] = ("diffusers", "kohya"),
+    trigger: str | None = None,
+) -> dict[str, Path]:
+    """Write a module's adapters in the requested layouts, its new-token embeddings, a card.
+
+    Every file is written to a temporary name and renamed. A layout that cannot hold the
+    adapter faithfully (kohya for DoRA) is skipped with a warning that says why.
+
+    Returns:
+        Layout or kind (``diffusers``, ``kohya``, ``embeddings``, ``card``) -> path.
+    """
+    out_dir = Path(out_dir)
+    components = module.adapted_components()
+    metadata = module.training_metadata()
+    written: dict[str, Path] = {}
+    if "diffusers" in formats:
+        written["diffusers"] = save_diffusers_lora(out_dir, components, metadata)
+    if "kohya" in formats:
+        try:
+            written["kohya"] = save_kohya_lora(
+                out_dir / KOHYA_WEIGHT_NAME, components, metadata, kohya_prefixes(components)
+            )
+        except LoRAFileError as err:
+            rank_zero_warn(f"kohya layout skipped: {err}")
+    pivotal = getattr(module, "pivotal_tuning", None)
+    tokens = pivotal.tokens if pivotal is not None else None
+    if tokens:
+        encoders = {"clip_l": components.get("text_encoder")}
+        if components.get("text_encoder_2") is not None:
+            encoders["clip_g"] = components["text_encoder_2"]
+        path = save_embeddings(out_dir / EMBEDDINGS_NAME, encoders, tokens)
+        if path is not None:
+            written["embeddings"] = path
+    written["card"] = write_model_card(out_dir, metadata, dict(written), trigger, tokens)
+    return written
 
 
 class LoRAExport(Callback):
-    """Save ``pytorch_lora_weights.safetensors`` (diffusers format) at the end of ``fit``.
+    """Export the adapters when ``fit`` ends (and every N steps if asked).
 
     Args:
         dirpath: output folder; default ``<the run's log dir>/lora``, so runs never overwrite
             each other's files.
+        formats: ``diffusers`` (``pytorch_lora_weights.safetensors``, what
+            ``pipeline.load_lora_weights`` reads) and/or ``kohya`` (A1111 / ComfyUI).
+        every_n_steps: also export every N optimizer steps (0: only at the end).
     """
 
-    def __init__(self, dirpath: str | None = None):
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        formats: list[Format] | None = None,
+        every_n_steps: int = 0,
+    ):
         self.dirpath = dirpath
-        self.written: Path | None = None
+        self.formats = list(formats) if formats is not None else ["diffusers", "kohya"]
+        self.every_n_steps = every_n_steps
+        self.written: dict[str, Path] = {}
 
     def output_dir(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora")
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Under DDP every rank holds the same adapters: one writes, all wait for the file.
+    def _trigger(self, trainer: Trainer) -> str | None:
+        data = getattr(trainer, "datamodule", None)
+        return getattr(getattr(data, "hparams", None), "instance_prompt", None) if data else None
+
+    def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Under DDP every rank holds the same adapters: one writes, all wait for the files.
         if trainer.is_global_zero:
-            self.written = save_diffusers_lora(
-                self.output_dir(trainer), pl_module.unet, pl_module.text_encoder
-            )
-            rank_zero_info(f"LoRA weights written to {self.written}")
+            out = self.output_dir(trainer)
+            self.written = export_adapters(pl_module, out, self.formats, self._trigger(trainer))
+            main = self.written.get("diffusers") or next(iter(self.written.values()))
+            rank_zero_info(f"LoRA weights written to {main}")
         trainer.strategy.barrier("lora_export")
+
+    @property
+    def written_lora(self) -> Path | None:
+        """The diffusers-layout file of the last export."""
+        return self.written.get("diffusers")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step < trainer.max_steps:
+            self.export(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.export(trainer, pl_module)

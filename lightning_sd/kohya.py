@@ -1,0 +1,69 @@
+"""The kohya / A1111 / ComfyUI LoRA layout, from and to peft state dicts.
+
+diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank whatever the real alpha, emits
+text-encoder names that no loader finds under transformers 5 (no ``text_model.`` level), and
+drops DoRA magnitudes. The layout itself is a renaming, so it is done here and checked against
+diffusers' own kohya-format loader in the tests.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["KOHYA_PREFIXES", "to_kohya"]
+
+# Component name in diffusers -> kohya's key prefix (SD1.x: lora_te_; SDXL: lora_te1_/lora_te2_).
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+
+_PEFT_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
+)
+
+
+def _text_module(module: str) -> str:
+    # transformers 5 dropped CLIPTextModel's text_model. level; the layout keeps it.
+    return module if module.startswith("text_model.") else f"text_model.{module}"
+
+
+def to_kohya(
+    peft_state_dicts: dict[str, dict[str, torch.Tensor]],
+    alphas: dict[str, float],
+    prefixes: dict[str, str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Rename peft adapter weights into kohya keys, with each module's real ``.alpha``.
+
+    Args:
+        peft_state_dicts: component name (``unet``, ``text_encoder``, ``text_encoder_2``) ->
+            ``get_peft_model_state_dict`` of that component.
+        alphas: component name -> the adapter's lora_alpha.
+        prefixes: component name -> kohya prefix; default ``KOHYA_PREFIXES`` (SD1.x). SDXL
+            files use ``lora_te1_`` for the first text encoder.
+
+    Returns:
+        ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and, for
+        DoRA, ``.dora_scale`` shaped (out, 1, ...) as kohya and LyCORIS store it (the norm is
+        taken per output channel, the axis peft's ``lora_magnitude_vector`` uses).
+    """
+    prefixes = {**KOHYA_PREFIXES, **(prefixes or {})}
+    out: dict[str, torch.Tensor] = {}
+    for component, state in peft_state_dicts.items():
+        for key, tensor in state.items():
+            match = _PEFT_KEY.match(key)
+            if match is None:
+                raise ValueError(f"{component}: unexpected adapter key {key!r}")
+            module = match["module"]
+            if component.startswith("text_encoder"):
+                module = _text_module(module)
+            name = prefixes[component] + module.replace(".", "_")
+            part = match["part"]
+            if part == "lora_A.weight":
+                out[f"{name}.lora_down.weight"] = tensor
+                out[f"{name}.alpha"] = torch.tensor(float(alphas[component]))
+            elif part == "lora_B.weight":
+                out[f"{name}.lora_up.weight"] = tensor
+            else:
+                down = state[f"{match['module']}.lora_A.weight"]
+                out[f"{name}.dora_scale"] = tensor.reshape(-1, *[1] * (down.dim() - 1))
+    return {k: v.contiguous() for k, v in out.items()}

@@ -1,0 +1,98 @@
+"""A model card (README.md) beside the exported files: what it is, how it was trained, how to load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["write_model_card"]
+
+
+def write_model_card(
+    out_dir: str | Path,
+    metadata: dict,
+    files: dict[str, Path],
+    trigger: str | None = None,
+    tokens: list[str] | None = None,
+) -> Path:
+    """Write ``README.md`` with Hugging Face model-card front matter and a loading snippet.
+
+    Args:
+        out_dir: the export folder.
+        metadata: the training facts stored in the weight files' headers.
+        files: format name -> written file.
+        trigger: the prompt that names the subject (trigger words), if any.
+        tokens: pivotal-tuning tokens that replace the abstraction in prompts, if any.
+    """
+    base = metadata.get("base_model", "")
+    adapter = metadata.get("adapter", {})
+    objective = metadata.get("objective", {})
+    parameterization = (objective.get("init_args", {}).get("parameterization", {}) or {}).get(
+        "class_path", "Epsilon"
+    )
+    front = [
+        "---",
+        f"base_model: {base}",
+        "library_name: diffusers",
+        "license: other",
+        "tags:",
+        "- text-to-image",
+        "- lora" if adapter.get("kind", "lora") == "lora" else "- dora",
+        "- lightning_sd",
+    ]
+    if trigger:
+        front.append(f"instance_prompt: {trigger}")
+    front.append("---")
+    lines = front + [
+        "",
+        f"# {adapter.get('kind', 'lora').upper()} adapter for {base}",
+        "",
+        "Trained with lightning_sd.",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| kind | {adapter.get('kind')} |",
+        f"| rank / alpha | {adapter.get('rank')} / {adapter.get('alpha') or adapter.get('rank')} |",
+        f"| targets | {adapter.get('targets')} |",
+        f"| text-encoder adapter | {'yes' if metadata.get('text_encoder_adapter') else 'no'} |",
+        f"| objective | {parameterization.rsplit('.', 1)[-1]} |",
+        f"| steps | {metadata.get('steps')} |",
+        "",
+    ]
+    if trigger:
+        lines += ["## Trigger words", "", f"`{trigger}`", ""]
+    lines += [
+        "## Use with diffusers",
+        "",
+        "```python",
+        "from diffusers import AutoPipelineForText2Image",
+        "from safetensors.torch import load_file",
+        "",
+        f'pipe = AutoPipelineForText2Image.from_pretrained("{base}")',
+        f'pipe.load_lora_weights("{Path(out_dir).name}")',
+    ]
+    if tokens and "embeddings" in files:
+        lines += [
+            f'state = load_file("{Path(out_dir).name}/{files["embeddings"].name}")',
+            f"pipe.load_textual_inversion(state['clip_l'], token={tokens!r},",
+            "                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+        ]
+    prompt = trigger or "a photo"
+    if tokens and trigger:
+        prompt = trigger.replace(
+            metadata.get("pivotal_tuning", {}).get("token_abstraction", ""), "".join(tokens)
+        )
+    lines += [f'image = pipe("{prompt}").images[0]', "```", ""]
+    if "kohya" in files:
+        lines += [
+            "## A1111 / ComfyUI",
+            "",
+            f"`{files['kohya'].name}` is the same adapter in the kohya layout "
+            "(`lora_unet_*`, `lora_te_*`, with the real alpha).",
+            "",
+        ]
+    lines += ["## Files", ""] + [f"- `{p.name}` ({fmt})" for fmt, p in files.items()] + [""]
+    path = Path(out_dir) / "README.md"
+    tmp = path.with_name(".README.md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
