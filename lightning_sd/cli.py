@@ -6,7 +6,6 @@ Python API lacks.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from lightning import LightningDataModule
@@ -25,23 +24,50 @@ class LightningSDCLI(LightningCLI):
         parser.add_lightning_class_args(LoRAExport, "export")
 
 
-def tiny_pipeline(argv: list[str]) -> None:
-    """``lightning-sd tiny-pipeline OUT [--preset tiny|small|small-vae8] [--seed N]``."""
-    from lightning_sd.tiny import PRESETS, build_tiny_pipeline
+def _tool(function):
+    """A typed function as a sub-command: its signature is the schema, its docstring the help."""
 
-    parser = argparse.ArgumentParser(
-        prog="lightning-sd tiny-pipeline",
-        description="Write a tiny SD1.x-architecture pipeline folder with random weights, "
-        "offline, for tests, demos and benchmarks.",
-    )
-    parser.add_argument("out", help="destination folder (must not exist or be empty)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(build_tiny_pipeline(args.out, args.preset, args.seed))
+    def run(argv: list[str]) -> None:
+        from jsonargparse import CLI
+
+        result = CLI(function, args=argv)
+        for line in result if isinstance(result, list) else [result]:
+            print(line)
+
+    return run
 
 
-TOOLS = {"tiny-pipeline": tiny_pipeline}
+def _tiny_pipeline(out_dir: str, preset: str = "tiny", seed: int = 0):
+    """Write a tiny SD1.x-architecture pipeline folder with random weights, offline.
+
+    For tests, demos and benchmarks: ``StableDiffusionPipeline.from_pretrained(out_dir)``
+    loads it with no network.
+
+    Args:
+        out_dir: destination folder (must not exist or be empty).
+        preset: ``tiny`` (tests, 32 px), ``small`` (benchmarks, 64 px) or ``small-vae8``
+            (256 px with SD's 8x VAE downsampling).
+        seed: seeds every component's initialisation.
+    """
+    from lightning_sd.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(out_dir, preset, seed)
+
+
+def _generate():
+    from lightning_sd.generate import generate
+
+    return generate
+
+
+def _merge():
+    from lightning_sd.merge import merge_loras
+
+    return merge_loras
+
+
+# Sub-commands that are not Trainer entry points; imported only when called.
+TOOLS = {"tiny-pipeline": lambda: _tiny_pipeline, "generate": _generate, "merge": _merge}
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningSDCLI:
@@ -58,7 +84,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningSDCLI
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:
-        return TOOLS[argv[0]](argv[1:])
+        return _tool(TOOLS[argv[0]]())(argv[1:])
     build_cli(argv)
 
 

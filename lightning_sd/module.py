@@ -11,11 +11,13 @@ from lightning import LightningModule
 from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig, add_adapter, trainable_parameters
 from lightning_sd.components import load_components
+from lightning_sd.encoding import encode_prompts, vae_decode, vae_encode
+from lightning_sd.generation import generate_images
 from lightning_sd.lora_io import load_lora_into
 from lightning_sd.objectives import DiffusionObjective
 from lightning_sd.optim import LRSchedule, lr_lambda
 from lightning_sd.pivotal import ExtendedEmbedding, PivotalTuning, add_tokens
-from lightning_sd.sampling import Sampler, sample
+from lightning_sd.sampling import Sampler
 from lightning_sd.serialization import from_config, to_config
 
 __all__ = ["StableDiffusionLoRA"]
@@ -138,19 +140,13 @@ class StableDiffusionLoRA(LightningModule):
 
     @torch.no_grad()
     def encode_latents(self, pixel_values: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        """Images in [-1, 1] to scaled VAE latents (the mean, when ``sample`` is False)."""
-        dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
-        latents = dist.sample() if sample else dist.mode()
-        shift = self.vae.config.shift_factor or 0.0
-        return ((latents - shift) * self.vae.config.scaling_factor).float()
+        """Images in [-1, 1] to scaled VAE latents (the mode, when ``sample`` is False)."""
+        return vae_encode(self.vae, pixel_values, sample)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents to images in [0, 1]."""
-        shift = self.vae.config.shift_factor or 0.0
-        z = latents / self.vae.config.scaling_factor + shift
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return vae_decode(self.vae, latents)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompts to the UNet's conditioning keyword arguments.
@@ -160,20 +156,7 @@ class StableDiffusionLoRA(LightningModule):
         """
         if self.pivotal_tuning is not None:
             prompts = [self.pivotal_tuning.substitute(p) for p in prompts]
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        skip = self.hparams.clip_skip
-        out = self.text_encoder(ids, output_hidden_states=skip > 0)
-        if skip == 0:
-            return {"encoder_hidden_states": out.last_hidden_state}
-        # As diffusers does for clip_skip: an earlier layer, through the final layer norm.
-        final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
-        return {"encoder_hidden_states": final_norm(out.hidden_states[-(skip + 1)])}
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.hparams.clip_skip)
 
     # -- steps ------------------------------------------------------------------------------
     def batch_latents(self, batch: dict, sample: bool = True) -> torch.Tensor:
@@ -244,25 +227,19 @@ class StableDiffusionLoRA(LightningModule):
         Returns:
             Images in [0, 1], shape (N, 3, H, W).
         """
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        side = (resolution or self.unet.config.sample_size * vae_factor) // vae_factor
-        shape = (self.unet.config.in_channels, side, side)
-        noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        ).to(self.device)
-        cond = self.encode_text(prompts)
-        uncond = self.encode_text([negative_prompt] * len(prompts))
-        latents = sample(
+        return generate_images(
             self.objective,
-            self.unet_fn,
-            noise,
-            cond=cond,
-            uncond=uncond,
-            guidance_scale=guidance_scale,
+            self.unet,
+            self.vae,
+            self.encode_text,
+            prompts,
+            seeds,
             steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            resolution=resolution,
             sampler=sampler,
         )
-        return self.decode_latents(latents)
 
     # -- optimisation -----------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

@@ -224,3 +224,37 @@ def test_embeddings_stop_training_after_train_fraction(tiny_pipeline_dir):
     assert [factor(s) for s in range(10)] == [1.0] * 5 + [0.0] * 5
     cosine = lr_lambda("cosine", warmup_steps=2, total_steps=10)
     assert [round(cosine(s), 6) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_fit_with_every_adapter_fragment_exports_all_files(
+    tiny_pipeline_dir, instance_dir, tmp_path
+):
+    from pathlib import Path
+
+    from lightning_sd.cli import main
+
+    configs = Path(__file__).parents[1] / "configs"
+    main(
+        [
+            "fit",
+            "--config", str(configs / "tiny.yaml"),
+            "--config", str(configs / "adapter" / "dora.yaml"),
+            "--config", str(configs / "adapter" / "text_encoder.yaml"),
+            "--config", str(configs / "adapter" / "pivotal.yaml"),
+            "--model.pretrained_model_name_or_path", str(tiny_pipeline_dir),
+            "--data.instance_data_dir", str(instance_dir),
+            "--data.instance_prompt", "a photo of TOK cat",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.max_steps", "2",
+            "--trainer.val_check_interval", "2",
+        ]
+    )  # fmt: skip
+    out = tmp_path / "lightning_logs" / "version_0" / "lora"
+    names = sorted(p.name for p in out.iterdir())
+    # DoRA: the diffusers layout only; the kohya layout is refused, not written wrong.
+    assert names == ["README.md", "embeddings.safetensors", "pytorch_lora_weights.safetensors"]
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("text_encoder.") for k in keys)
+    assert any(k.startswith("unet.") and "magnitude" in k for k in keys)
+    assert "instance_prompt: a photo of TOK cat" in (out / "README.md").read_text()

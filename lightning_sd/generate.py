@@ -1,0 +1,166 @@
+"""``lightning-sd generate``: a base pipeline plus LoRA files, prompts x seeds -> images + grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from lightning_sd.embeddings import EMBEDDINGS_NAME
+from lightning_sd.encoding import encode_prompts
+from lightning_sd.generation import generate_images
+from lightning_sd.grid import image_grid, save_image_atomic
+from lightning_sd.lora_io import LORA_WEIGHT_NAME, METADATA_KEY, read_safetensors
+from lightning_sd.objectives import DiffusionObjective, Epsilon, Sample, VPrediction
+from lightning_sd.sampling import DPMPP2M, Euler, Heun
+from lightning_sd.serialization import from_config
+
+__all__ = ["generate"]
+
+SAMPLERS = {"euler": Euler, "heun": Heun, "dpmpp_2m": DPMPP2M}
+_BY_PREDICTION = {"epsilon": Epsilon, "v_prediction": VPrediction, "sample": Sample}
+
+
+def _weight_file(path: Path) -> Path:
+    return path / LORA_WEIGHT_NAME if path.is_dir() else path
+
+
+def _objective(lora_paths: list[Path], scheduler) -> DiffusionObjective:
+    """The objective the adapters were trained with (from their headers), else the base's own.
+
+    A LoRA trained with v-prediction on an epsilon base predicts v: sampling it as epsilon
+    would be wrong, so the training objective travels in the file.
+    """
+    configs = []
+    for path in lora_paths:
+        _, header = read_safetensors(_weight_file(path))
+        facts = json.loads(header.get(METADATA_KEY, "{}"))
+        if "objective" in facts:
+            configs.append(facts["objective"])
+    if any(c != configs[0] for c in configs):
+        raise ValueError(
+            "the LoRA files were trained with different objectives; combine them "
+            "only if they predict the same quantity"
+        )
+    if configs:
+        objective = from_config(configs[0])
+    else:
+        prediction = scheduler.config.get("prediction_type", "epsilon")
+        objective = DiffusionObjective(_BY_PREDICTION[prediction]())
+    objective.set_schedule(scheduler)
+    return objective
+
+
+def _load_embeddings(pipe, lora_paths: list[Path]) -> dict[str, str]:
+    """Load pivotal-tuning tokens saved beside the LoRA; returns abstraction -> tokens."""
+    substitutions = {}
+    for path in lora_paths:
+        folder = path if path.is_dir() else path.parent
+        if not (folder / EMBEDDINGS_NAME).is_file():
+            continue
+        tensors, header = read_safetensors(folder / EMBEDDINGS_NAME)
+        tokens = json.loads(header["tokens"])
+        pipe.load_textual_inversion(
+            list(tensors["clip_l"]),
+            token=tokens,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+        )
+        _, lora_header = read_safetensors(_weight_file(path))
+        pivotal = json.loads(lora_header.get(METADATA_KEY, "{}")).get("pivotal_tuning") or {}
+        if pivotal.get("token_abstraction"):
+            substitutions[pivotal["token_abstraction"]] = "".join(tokens)
+    return substitutions
+
+
+def generate(
+    pretrained_model_name_or_path: str,
+    prompts: list[str],
+    loras: list[str] | None = None,
+    lora_scales: list[float] | None = None,
+    fuse: bool = False,
+    seeds: list[int] | None = None,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    negative_prompt: str = "",
+    sampler: Literal["euler", "heun", "dpmpp_2m"] = "dpmpp_2m",
+    resolution: int | None = None,
+    out_dir: str = "samples",
+    revision: str | None = None,
+    device: str = "cuda" if torch.cuda.is_available() else "cpu",
+) -> list[Path]:
+    """Generate one image per prompt and seed from a base model with LoRA adapters.
+
+    Args:
+        pretrained_model_name_or_path: the base pipeline (hub id or folder).
+        prompts: the prompts; a pivotal-tuning abstraction (``TOK``) is replaced by the new
+            tokens saved beside the LoRA.
+        loras: LoRA files or export folders (diffusers or kohya layout).
+        lora_scales: one scale per LoRA (diffusers ``set_adapters``); default 1 each.
+        fuse: merge the adapters into the base weights before sampling (faster steps).
+        seeds: seeds; every prompt is drawn once per seed. Default ``[0]``.
+        steps: sampler steps.
+        guidance_scale: classifier-free guidance weight.
+        negative_prompt: the unconditional prompt.
+        sampler: ``euler``, ``heun`` or ``dpmpp_2m`` over the objective's denoiser.
+        resolution: image side; default the UNet's native size.
+        out_dir: where ``<prompt index>_<seed>.png`` and ``grid.png`` go.
+        revision: hub revision of the base.
+        device: where to run.
+
+    Returns:
+        The image paths, then the grid's.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    loras = [Path(p) for p in loras or []]
+    seeds = seeds if seeds is not None else [0]
+    scales = lora_scales if lora_scales is not None else [1.0] * len(loras)
+    if len(scales) != len(loras):
+        raise ValueError(f"{len(loras)} LoRA files but {len(scales)} lora_scales")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        pretrained_model_name_or_path, revision=revision, safety_checker=None
+    )
+    names = [f"lora_{i}" for i in range(len(loras))]
+    for name, path in zip(names, loras, strict=True):
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    if loras:
+        pipe.set_adapters(names, scales)
+        if fuse:
+            pipe.fuse_lora(adapter_names=names)
+            pipe.unload_lora_weights()
+    substitutions = _load_embeddings(pipe, loras)
+    objective = _objective(loras, pipe.scheduler)
+    pipe.to(device)
+
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        for abstraction, tokens in substitutions.items():
+            texts = [t.replace(abstraction, tokens) for t in texts]
+        return encode_prompts(pipe.tokenizer, pipe.text_encoder, texts)
+
+    all_prompts = [p for p in prompts for _ in seeds]
+    all_seeds = [s for _ in prompts for s in seeds]
+    images = generate_images(
+        objective, pipe.unet, pipe.vae, encode, all_prompts, all_seeds, steps=steps,
+        guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+        resolution=resolution, sampler=SAMPLERS[sampler](),
+    )  # fmt: skip
+    out = Path(out_dir)
+    paths = []
+    for i, (image, seed) in enumerate(zip(images, all_seeds, strict=True)):
+        array = (image * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        paths.append(
+            save_image_atomic(Image.fromarray(array), out / f"{i // len(seeds):03d}_{seed}.png")
+        )
+    grid = image_grid(
+        images,
+        ncols=len(seeds),
+        row_labels=[p[:40] for p in prompts],
+        col_labels=[f"seed {s}" for s in seeds],
+        cell=max(images.shape[-1], 128),
+    )
+    paths.append(save_image_atomic(grid, out / "grid.png"))
+    return paths
