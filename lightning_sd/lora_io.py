@@ -84,7 +84,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     """
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # contiguous: merged adapters (SVD slices) are views that safetensors refuses to write.
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 def _text_encoder_layers(model: nn.Module, adapter_name: str) -> dict:
@@ -226,7 +228,7 @@ def _component_of_kohya(name: str) -> str:
     return "text_encoder"
 
 
-def _split(tensors: dict, components: dict) -> tuple[dict, dict]:
+def split_lora_tensors(tensors: dict, components: dict) -> tuple[dict, dict]:
     """File tensors -> ({component: {module: {part: tensor}}}, {component: {module: alpha}})."""
     weights: dict[str, dict[str, dict]] = {}
     alphas: dict[str, dict[str, float]] = {}
@@ -250,7 +252,7 @@ def _split(tensors: dict, components: dict) -> tuple[dict, dict]:
     return weights, alphas
 
 
-def _strip_text_model(module: str, model: nn.Module) -> str:
+def strip_text_model(module: str, model: nn.Module) -> str:
     if not hasattr(model, "text_model") and module.startswith("text_model."):
         return module[len("text_model.") :]
     return module
@@ -272,7 +274,7 @@ def load_lora_into(
         path = path / LORA_WEIGHT_NAME
     tensors, header = read_safetensors(path)
     parts = adapted(components)
-    weights, kohya_alphas = _split(tensors, parts)
+    weights, kohya_alphas = split_lora_tensors(tensors, parts)
     file_meta = json.loads(header.get("lora_adapter_metadata", "{}"))
     for component in weights:
         if component not in parts:
@@ -284,7 +286,7 @@ def load_lora_into(
         expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
         given = {}
         for module, tensor_parts in weights.get(component, {}).items():
-            module = _strip_text_model(module, model)
+            module = strip_text_model(module, model)
             for part, tensor in tensor_parts.items():
                 given[f"{module}.{part}"] = tensor
         unknown = sorted(
