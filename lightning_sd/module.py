@@ -43,6 +43,8 @@ class StableDiffusionLoRA(LightningModule):
             Checkpoints store it as a ``class_path`` dict, which is accepted too.
         clip_skip: condition on the text encoder's hidden state this many layers before the
             last (diffusers' ``clip_skip``; 0 = last layer). Skipped layers get no adapter.
+        gradient_checkpointing: recompute activations in the backward pass (non-reentrant, so
+            adapters on a frozen base still get gradients) to trade compute for memory.
         learning_rate: AdamW learning rate for the UNet adapters.
         text_encoder_lr: learning rate of the text-encoder adapters (default ``learning_rate``).
         adam_weight_decay: AdamW decoupled weight decay.
@@ -62,6 +64,7 @@ class StableDiffusionLoRA(LightningModule):
         lora_weights: str | None = None,
         objective: DiffusionObjective | None = None,
         clip_skip: int = 0,
+        gradient_checkpointing: bool = False,
         learning_rate: float = 1e-4,
         text_encoder_lr: float | None = None,
         adam_weight_decay: float = 1e-2,
@@ -106,6 +109,11 @@ class StableDiffusionLoRA(LightningModule):
         parts = load_components(h.pretrained_model_name_or_path, h.revision, h.variant)
         self.vae, self.text_encoder, self.tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
         self.unet = parts.unet
+        # Frozen weights in the mixed-precision dtype; the VAE stays float32 (SDXL's overflows
+        # in fp16) and adapters are made float32 by add_adapter.
+        dtype = self.frozen_dtype()
+        self.unet.to(dtype)
+        self.text_encoder.to(dtype)
         add_adapter(self.unet, self.adapter)
         if self.text_encoder_adapter is not None:
             add_adapter(self.text_encoder, self.text_encoder_adapter, skip_last_layers=h.clip_skip)
@@ -113,7 +121,29 @@ class StableDiffusionLoRA(LightningModule):
             add_tokens(self.tokenizer, self.text_encoder, self.pivotal_tuning)
         if h.lora_weights:
             load_lora_into(h.lora_weights, self.adapted_components())
+        if h.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()  # diffusers: use_reentrant=False
+            self.text_encoder.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         self.objective.set_schedule(parts.scheduler)
+
+    def frozen_dtype(self) -> torch.dtype:
+        """float16/bfloat16 under ``16-mixed``/``bf16-mixed`` precision, else float32.
+
+        ``*-true`` precisions would cast the adapters too (and Adam's updates underflow in
+        half precision), so they are refused.
+        """
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        if precision in ("16-true", "bf16-true"):
+            raise ValueError(
+                f"precision={precision!r} casts the trainable adapters to half precision; use "
+                f"{precision.replace('true', 'mixed')!r}: the frozen base is cast to half, "
+                "the adapters stay float32"
+            )
+        return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(
+            precision, torch.float32
+        )
 
     def adapted_components(self) -> dict[str, torch.nn.Module]:
         """The parts that may carry adapters, by their diffusers names."""

@@ -1,0 +1,44 @@
+"""Mixed precision: frozen base in half precision, adapters in float32, finite training."""
+
+import pytest
+import torch
+from lightning import Trainer
+
+from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
+
+QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_bf16_mixed_keeps_adapters_float32(tiny_pipeline_dir, instance_dir):
+    module = StableDiffusionLoRA(
+        str(tiny_pipeline_dir),
+        adapter=AdapterConfig(rank=4),
+        text_encoder_adapter=AdapterConfig(rank=2),
+        gradient_checkpointing=True,
+    )
+    data = DreamBoothDataModule(
+        str(instance_dir), "a photo of sks cat", resolution=32, batch_size=2
+    )
+    trainer = Trainer(
+        max_steps=3,
+        precision="bf16-mixed",
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        **QUIET,
+    )
+    trainer.fit(module, data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    frozen = {p.dtype for n, p in module.unet.named_parameters() if not p.requires_grad}
+    trained = {p.dtype for p in module.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert {p.dtype for p in module.vae.parameters()} == {torch.float32}
+    assert module.unet.is_gradient_checkpointing
+    moved = [p for n, p in module.named_parameters() if "lora_B" in n and p.abs().max() > 0]
+    assert moved, "adapters did not train under bf16-mixed with gradient checkpointing"
+
+
+def test_true_half_precision_is_refused(tiny_pipeline_dir, instance_dir):
+    module = StableDiffusionLoRA(str(tiny_pipeline_dir))
+    data = DreamBoothDataModule(str(instance_dir), "p", resolution=32)
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        Trainer(max_steps=1, precision="bf16-true", **QUIET).fit(module, data)
