@@ -123,9 +123,7 @@ class StableDiffusionLoRA(LightningModule):
             load_lora_into(h.lora_weights, self.adapted_components())
         if h.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # diffusers: use_reentrant=False
-            self.text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            self.text_encoder.activation_checkpointing_enable({"use_reentrant": False})
         self.objective.set_schedule(parts.scheduler)
 
     def frozen_dtype(self) -> torch.dtype:

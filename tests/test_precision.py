@@ -33,6 +33,7 @@ def test_bf16_mixed_keeps_adapters_float32(tiny_pipeline_dir, instance_dir):
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
     assert {p.dtype for p in module.vae.parameters()} == {torch.float32}
     assert module.unet.is_gradient_checkpointing
+    assert module.text_encoder.is_gradient_checkpointing
     moved = [p for n, p in module.named_parameters() if "lora_B" in n and p.abs().max() > 0]
     assert moved, "adapters did not train under bf16-mixed with gradient checkpointing"
 
