@@ -66,8 +66,19 @@ def _merge():
     return merge_loras
 
 
+def _tiny_metrics():
+    from lightning_sd.metrics.tiny import write_tiny_metric_models
+
+    return write_tiny_metric_models
+
+
 # Sub-commands that are not Trainer entry points; imported only when called.
-TOOLS = {"tiny-pipeline": lambda: _tiny_pipeline, "generate": _generate, "merge": _merge}
+TOOLS = {
+    "tiny-pipeline": lambda: _tiny_pipeline,
+    "tiny-metrics": _tiny_metrics,
+    "generate": _generate,
+    "merge": _merge,
+}
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningSDCLI:

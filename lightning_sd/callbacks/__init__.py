@@ -1,5 +1,7 @@
 """Lightning callbacks, each independent of the others."""
 
+from lightning_sd.callbacks.evaluation import Evaluation
 from lightning_sd.callbacks.export import LoRAExport
+from lightning_sd.callbacks.validation_sampling import ValidationSampling
 
-__all__ = ["LoRAExport"]
+__all__ = ["Evaluation", "LoRAExport", "ValidationSampling"]

@@ -84,6 +84,11 @@ class LoRAExport(Callback):
         self.formats = list(formats) if formats is not None else ["diffusers", "kohya"]
         self.every_n_steps = every_n_steps
         self.written: dict[str, Path] = {}
+        self._dir: Path | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # On every rank: Trainer.log_dir broadcasts from rank 0, so rank 0 alone must not ask.
+        self._dir = self.output_dir(trainer)
 
     def output_dir(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora")
@@ -95,7 +100,7 @@ class LoRAExport(Callback):
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Under DDP every rank holds the same adapters: one writes, all wait for the files.
         if trainer.is_global_zero:
-            out = self.output_dir(trainer)
+            out = self._dir or self.output_dir(trainer)
             self.written = export_adapters(pl_module, out, self.formats, self._trigger(trainer))
             main = self.written.get("diffusers") or next(iter(self.written.values()))
             rank_zero_info(f"LoRA weights written to {main}")
