@@ -4,7 +4,7 @@ from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig
 from lightning_sd.callbacks import LoRAExport
 from lightning_sd.components import Components, load_components
-from lightning_sd.data import DreamBoothDataModule
+from lightning_sd.data import CaptionDataModule, DreamBoothDataModule
 from lightning_sd.lora_io import save_diffusers_lora
 from lightning_sd.module import StableDiffusionLoRA
 from lightning_sd.tiny import build_tiny_pipeline
@@ -13,6 +13,7 @@ __all__ = [
     "__version__",
     "AdapterConfig",
     "Components",
+    "CaptionDataModule",
     "DreamBoothDataModule",
     "LoRAExport",
     "StableDiffusionLoRA",

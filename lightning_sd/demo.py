@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe_dir = out / f"tiny-pipeline-{args.preset}"
     if not pipe_dir.exists():
         build_tiny_pipeline(pipe_dir, args.preset, seed=0)
-    instance_dir = write_instance_photos(out / "instance")
     resolution = PRESETS[args.preset].resolution
+    instance_dir = write_instance_photos(out / "instance", side=max(128, resolution))
 
     seed_everything(0)
     module = StableDiffusionLoRA(

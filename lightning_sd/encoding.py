@@ -11,7 +11,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["encode_prompts", "unet_fn", "vae_decode", "vae_encode", "vae_scale_factor"]
+__all__ = [
+    "encode_prompts",
+    "unet_fn",
+    "vae_decode",
+    "vae_encode",
+    "vae_posterior",
+    "vae_scale_factor",
+]
 
 
 def vae_scale_factor(vae: nn.Module) -> int:
@@ -19,12 +26,22 @@ def vae_scale_factor(vae: nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def vae_posterior(vae: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's (mean, std) in scaled latent space: ``(z - shift) * scaling``.
+
+    Latent caches store these two and draw ``mean + std * eps`` per step: the same
+    distribution as encoding every step.
+    """
+    dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+    shift = vae.config.shift_factor or 0.0
+    scale = vae.config.scaling_factor
+    return ((dist.mean - shift) * scale).float(), (dist.std * scale).float()
+
+
 def vae_encode(vae: nn.Module, pixel_values: torch.Tensor, sample: bool = True) -> torch.Tensor:
     """Images in [-1, 1] to scaled latents: a draw from the posterior, or its mode."""
-    dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
-    latents = dist.sample() if sample else dist.mode()
-    shift = vae.config.shift_factor or 0.0
-    return ((latents - shift) * vae.config.scaling_factor).float()
+    mean, std = vae_posterior(vae, pixel_values)
+    return mean + std * torch.randn_like(std) if sample else mean
 
 
 def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,30 @@
-"""The DreamBooth DataModule: instance photos for training and a fixed held-out view of them."""
+"""The DreamBooth DataModule: instance photos, optional class images for prior preservation, and
+a fixed held-out view of the instance photos."""
 
 from __future__ import annotations
 
-from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_sd.data.dreambooth import InstanceDataset
+from lightning_sd.data.base import ImageDataModule
+from lightning_sd.data.class_images import count_images, generate_class_images
+from lightning_sd.data.dataset import ImageCaptionDataset
+from lightning_sd.data.dreambooth import InstanceDataset, PriorPreservationDataset, collate_pairs
 from lightning_sd.data.transforms import ImageTransform
 
 __all__ = ["DreamBoothDataModule"]
 
 
-class DreamBoothDataModule(LightningDataModule):
-    """Instance images of one subject with an instance prompt (Ruiz et al. 2023).
+class DreamBoothDataModule(ImageDataModule):
+    """Instance images of one subject with an instance prompt (Ruiz et al. 2023), and optionally
+    class images with a class prompt whose loss, weighted by ``prior_loss_weight``, keeps the
+    model's prior for the class.
 
-    Validation sees the same images, center-cropped and unflipped, so the module's held-out
-    denoising loss (fixed noise and timesteps) measures how well the subject is learned.
+    When ``class_data_dir`` holds fewer than ``num_class_images``, ``prepare_data`` (local rank 0
+    only) generates the rest with the base model: resumable, seeded per image, see
+    ``class_images``. With class images each batch holds ``batch_size`` instance samples and
+    ``batch_size`` class samples. Validation sees the instance images, center-cropped and
+    unflipped, so the module's held-out loss measures how well the subject is learned.
 
     Args:
         instance_data_dir: folder of photos of the subject.
@@ -23,9 +32,24 @@ class DreamBoothDataModule(LightningDataModule):
         resolution: training image side in pixels.
         center_crop: center instead of random crops for training.
         random_flip: random horizontal flips for training.
-        batch_size: images per batch (per device).
+        batch_size: instance images per batch (per device); as many class images join them.
         num_workers: DataLoader worker processes.
-        repeats: how many times each image appears per epoch.
+        repeats: how many times each instance image appears per epoch.
+        class_data_dir: folder of class images; None trains without prior preservation.
+        class_prompt: the prompt of the class images, e.g. ``a photo of a dog``.
+        num_class_images: how many class images to train with; missing ones are generated.
+        prior_loss_weight: the loss weight lambda of class samples (instance samples: 1).
+        class_generator: the pipeline that generates class images; default the module's
+            ``pretrained_model_name_or_path``.
+        class_generation_steps: sampler steps per generated class image.
+        class_generation_batch_size: class images per pipeline call.
+        class_generation_seed: class image ``i`` is generated from seed ``seed + i``.
+        skip_bad_images: skip unusable images (corrupt, too small) with a warning that counts
+            them, instead of stopping with an error naming the first.
+        cache_dir: latent / text-embedding cache folder; default ``~/.cache/lightning_sd``.
+        cache_latents: encode each image once with the VAE and train from the stored posterior
+            (needs ``center_crop``; with ``random_flip`` the mirror is cached too).
+        cache_text_embeddings: encode each prompt once (needs a frozen text encoder).
     """
 
     def __init__(
@@ -38,35 +62,92 @@ class DreamBoothDataModule(LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         repeats: int = 1,
+        class_data_dir: str | None = None,
+        class_prompt: str | None = None,
+        num_class_images: int = 100,
+        prior_loss_weight: float = 1.0,
+        class_generator: str | None = None,
+        class_generation_steps: int = 50,
+        class_generation_batch_size: int = 4,
+        class_generation_seed: int = 0,
+        skip_bad_images: bool = False,
+        cache_dir: str | None = None,
+        cache_latents: bool = False,
+        cache_text_embeddings: bool = False,
     ):
         super().__init__()
+        if class_data_dir is not None and not class_prompt:
+            raise ValueError("class_data_dir is set but class_prompt is not: name the class")
+        if cache_latents and not center_crop:
+            raise ValueError(
+                "cache_latents needs a fixed crop per image: set center_crop: true "
+                "(random crops change the pixels every step, so their latents cannot be cached)"
+            )
         self.save_hyperparameters()
-        self.train_set: InstanceDataset | None = None
-        self.val_set: InstanceDataset | None = None
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.hparams.class_data_dir is not None
+
+    def class_generator_path(self) -> str:
+        """The pipeline that generates class images: ``class_generator`` or the module's base."""
+        h = self.hparams
+        if h.class_generator:
+            return h.class_generator
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        base = getattr(getattr(module, "hparams", None), "pretrained_model_name_or_path", None)
+        if base is None:
+            raise ValueError(
+                f"{h.class_data_dir} holds {count_images(h.class_data_dir)} of "
+                f"num_class_images={h.num_class_images} images and no pipeline can make the "
+                "rest: set class_generator, or attach the DataModule to a Trainer and module"
+            )
+        return base
+
+    def prepare_data(self) -> None:
+        """Generate missing class images (Lightning runs this on local rank 0 only)."""
+        h = self.hparams
+        if not self.prior_preservation or count_images(h.class_data_dir) >= h.num_class_images:
+            return
+        written = generate_class_images(
+            self.class_generator_path(),
+            h.class_data_dir,
+            h.class_prompt,
+            h.num_class_images,
+            h.resolution,
+            num_inference_steps=h.class_generation_steps,
+            batch_size=h.class_generation_batch_size,
+            seed=h.class_generation_seed,
+        )
+        rank_zero_info(f"generated {len(written)} class images in {h.class_data_dir}")
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        if self.train_set is None:
-            train = ImageTransform(h.resolution, h.center_crop, h.random_flip)
-            self.train_set = InstanceDataset(
-                h.instance_data_dir, h.instance_prompt, train, repeats=h.repeats
-            )
-            held_out = ImageTransform(h.resolution, center_crop=True, random_flip=False)
-            self.val_set = InstanceDataset(h.instance_data_dir, h.instance_prompt, held_out)
-
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        h = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=h.batch_size,
-            shuffle=shuffle,
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
-            drop_last=False,
+        if self.train_set is not None:
+            return
+        train = ImageTransform(h.resolution, h.center_crop, h.random_flip)
+        skip = h.skip_bad_images
+        self.instance_set = InstanceDataset(
+            h.instance_data_dir, h.instance_prompt, train, h.repeats, skip_bad_images=skip
         )
+        self.train_set = self.instance_set
+        self.class_set = None
+        if self.prior_preservation:
+            self.class_set = InstanceDataset(
+                h.class_data_dir, h.class_prompt, train, 1, h.prior_loss_weight, skip
+            )
+            # Only the first num_class_images: a folder may hold more than this run asked for.
+            self.class_set.records = self.class_set.records[: h.num_class_images]
+            self.train_set = PriorPreservationDataset(self.instance_set, self.class_set)
+        held_out = ImageTransform(h.resolution, center_crop=True, random_flip=False)
+        self.val_set = ImageCaptionDataset(self.instance_set.records, held_out)
+
+    def cached_datasets(self) -> list[tuple[ImageCaptionDataset, bool]]:
+        sets = [(self.instance_set, True), (self.val_set, False)]
+        return sets + ([(self.class_set, True)] if self.class_set is not None else [])
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        if not self.prior_preservation:
+            return super().train_dataloader()
+        self._fill_cache_from_trainer()
+        return self._loader(self.train_set, shuffle=True, collate_fn=collate_pairs)

@@ -1,23 +1,41 @@
-"""DreamBooth instance data: a folder of photos of one subject and the prompt that names it."""
+"""DreamBooth data (Ruiz et al. 2023): instance photos of a subject, and class images that
+preserve the prior, each sample weighted by its own ``loss_weight``.
+
+Instance and class samples are drawn in pairs, as in the paper and diffusers' script: item i is
+(instance i mod N_instance, class i mod N_class), and a batch of B items holds B of each. A few
+instance photos then still meet every class image once per epoch, and no batch is all prior.
+The module never splits the batch by position: each sample's loss is weighted by its
+``loss_weight`` (1 or ``prior_loss_weight``) and the batch mean is taken, which is the paper's
+L_instance + lambda L_prior up to a constant factor 1/2.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from lightning_sd.data.images import list_images, open_rgb
+from lightning_sd.data.dataset import ImageCaptionDataset
+from lightning_sd.data.images import list_images
+from lightning_sd.data.records import FileRef, SourceItem, scan_items
 from lightning_sd.data.transforms import ImageTransform
 
-__all__ = ["InstanceDataset"]
+__all__ = ["InstanceDataset", "PriorPreservationDataset", "collate_pairs"]
 
 
-class InstanceDataset(Dataset):
+class InstanceDataset(ImageCaptionDataset):
     """Every image of a folder with one prompt, each sample carrying its loss weight.
 
-    The images are decoded once, up front: a DreamBooth set is a handful of photos, and a bad
-    file should stop the run before training starts, not in a worker an hour in.
+    The images are decoded once, up front: a bad file should stop the run before training
+    starts, not in a worker an hour in (or be skipped and counted, with ``skip_bad_images``).
+
+    Args:
+        folder: the image folder.
+        prompt: the prompt of every image (instance or class prompt).
+        transform: resize / crop / flip.
+        repeats: how many times each image appears per epoch.
+        loss_weight: every sample's loss weight.
+        skip_bad_images: skip unusable images with a warning instead of raising.
     """
 
     def __init__(
@@ -27,21 +45,36 @@ class InstanceDataset(Dataset):
         transform: ImageTransform,
         repeats: int = 1,
         loss_weight: float = 1.0,
+        skip_bad_images: bool = False,
     ):
-        self.paths = list_images(folder)
-        self.images = [open_rgb(p) for p in self.paths]
+        items = [SourceItem(str(p), FileRef(p), prompt) for p in list_images(folder)]
+        records = scan_items(items, transform.check_size, skip_bad_images, str(folder))
+        super().__init__(records, transform, loss_weight=loss_weight, repeats=repeats)
         self.prompt = prompt
-        self.transform = transform
-        self.repeats = repeats
-        self.loss_weight = loss_weight
+
+
+class PriorPreservationDataset(Dataset):
+    """Pairs (instance sample, class sample); ``collate_pairs`` flattens them into one batch.
+
+    Args:
+        instance: the instance set (loss weight 1).
+        prior: the class set (loss weight ``prior_loss_weight``).
+    """
+
+    def __init__(self, instance: ImageCaptionDataset, prior: ImageCaptionDataset):
+        self.instance = instance
+        self.prior = prior
 
     def __len__(self) -> int:
-        return len(self.images) * self.repeats
+        return max(len(self.instance), len(self.prior))
 
-    def __getitem__(self, index: int) -> dict:
-        image = self.images[index % len(self.images)]
-        return {
-            "pixel_values": self.transform(image),
-            "prompt": self.prompt,
-            "loss_weight": torch.tensor(self.loss_weight),
-        }
+    def __getitem__(self, index: int) -> tuple[dict, dict]:
+        return (
+            self.instance[index % len(self.instance)],
+            self.prior[index % len(self.prior)],
+        )
+
+
+def collate_pairs(pairs: list[tuple[dict, dict]]) -> dict:
+    """B (instance, class) pairs -> one batch of 2B samples: the instance half, then the class."""
+    return default_collate([p[0] for p in pairs] + [p[1] for p in pairs])

@@ -1,0 +1,107 @@
+"""What the image DataModules share: dataloaders and the hookup to the latent cache.
+
+The cache is filled in the dataloader hooks rather than in ``setup``: Lightning calls ``setup``
+before ``configure_model`` and before the strategy moves the model to its device, while by the
+time it asks for dataloaders the module is built and on the accelerator, and every rank is
+there to share the encoding.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_sd.data.cache import LatentCache
+from lightning_sd.data.caching import CacheStats, fill_cache
+from lightning_sd.data.dataset import ImageCaptionDataset
+
+if TYPE_CHECKING:
+    from lightning_sd.module import StableDiffusionLoRA
+
+__all__ = ["ImageDataModule", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/lightning_sd`` (``~/.cache/lightning_sd``): entries are content-keyed,
+    so one folder serves every run and dataset safely."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "lightning_sd"
+
+
+class ImageDataModule(LightningDataModule):
+    """Base of the image DataModules; subclasses build ``train_set`` and ``val_set`` in setup.
+
+    Subclasses store ``batch_size``, ``num_workers``, ``cache_dir``, ``cache_latents`` and
+    ``cache_text_embeddings`` in ``hparams``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.cache_stats: CacheStats | None = None
+
+    # -- cache ------------------------------------------------------------------------------
+    @property
+    def caching(self) -> bool:
+        return self.hparams.cache_latents or self.hparams.cache_text_embeddings
+
+    def cached_datasets(self) -> list[tuple[ImageCaptionDataset, bool]]:
+        """(dataset, draw latents from the posterior) for every dataset the cache serves."""
+        raise NotImplementedError
+
+    def fill_cache(self, module: StableDiffusionLoRA) -> CacheStats | None:
+        """Encode what the cache lacks with ``module`` and serve the datasets from it.
+
+        Runs once; the dataloader hooks call it with the trainer's module, and it may be
+        called directly (after ``setup``) to use the DataModule without a Trainer.
+        """
+        if not self.caching or self.cache_stats is not None:
+            return self.cache_stats
+        h = self.hparams
+        rank, world, barrier = 0, 1, (lambda: None)
+        if self.trainer is not None:
+            strategy = self.trainer.strategy
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            barrier = lambda: strategy.barrier("lightning_sd_cache")  # noqa: E731
+        module.configure_model()  # idempotent; a no-op under a Trainer
+        self.cache_stats = fill_cache(
+            self.cached_datasets(),
+            module,
+            LatentCache(h.cache_dir or default_cache_dir()),
+            latents=h.cache_latents,
+            text=h.cache_text_embeddings,
+            batch_size=max(h.batch_size, 8),
+            rank=rank,
+            world_size=world,
+            barrier=barrier,
+        )
+        return self.cache_stats
+
+    def _fill_cache_from_trainer(self) -> None:
+        if self.caching and self.trainer is not None:
+            self.fill_cache(self.trainer.lightning_module)
+
+    # -- loaders ----------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, shuffle: bool, **kwargs) -> DataLoader:
+        h = self.hparams
+        if "batch_sampler" not in kwargs:
+            kwargs.update(batch_size=h.batch_size, shuffle=shuffle, drop_last=False)
+        return DataLoader(
+            dataset,
+            num_workers=h.num_workers,
+            persistent_workers=h.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self._fill_cache_from_trainer()
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self._fill_cache_from_trainer()
+        return self._loader(self.val_set, shuffle=False)

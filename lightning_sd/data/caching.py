@@ -1,0 +1,189 @@
+"""Fill the latent / text cache with the module's own encoders, then serve datasets from it.
+
+Called by the DataModules' dataloader hooks, where the module is configured and on its device.
+Every rank computes the same list of missing entries (after a barrier, before anyone writes),
+encodes its share, and waits for the others; then every entry exists and every rank serves
+from disk. Entries already present are hits: with all hits the VAE and the text encoder are
+never called.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lightning_sd.data.cache import LatentCache, latent_key, model_fingerprint, text_key
+from lightning_sd.data.dataset import CachedView, ImageCaptionDataset
+from lightning_sd.data.records import ImageRecord
+from lightning_sd.data.transforms import CropPlan
+from lightning_sd.encoding import vae_posterior
+
+if TYPE_CHECKING:
+    from lightning_sd.module import StableDiffusionLoRA
+
+__all__ = ["CacheStats", "encode_latent_distribution", "fill_cache"]
+
+
+@dataclass
+class CacheStats:
+    """How many entries this rank encoded and how many were already cached, over all ranks."""
+
+    latents_encoded: int = 0
+    latents_cached: int = 0
+    texts_encoded: int = 0
+    texts_cached: int = 0
+
+
+@torch.no_grad()
+def encode_latent_distribution(
+    module: StableDiffusionLoRA, pixel_values: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The VAE posterior's (mean, std), scaled as ``module.encode_latents`` scales."""
+    return vae_posterior(module.vae, pixel_values)
+
+
+def fill_cache(
+    datasets: Sequence[tuple[ImageCaptionDataset, bool]],
+    module: StableDiffusionLoRA,
+    cache: LatentCache,
+    latents: bool,
+    text: bool,
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> CacheStats:
+    """Encode what is missing, then make each dataset serve from the cache.
+
+    Args:
+        datasets: (dataset, sample_latents) pairs: training sets draw from the posterior,
+            held-out sets get its mean.
+        module: a configured ``StableDiffusionLoRA`` (its ``vae``, ``encode_text``).
+        cache: the store.
+        latents: cache VAE latents (needs deterministic crops).
+        text: cache text embeddings (needs a frozen text encoder and fixed captions).
+        batch_size: images or prompts per encoder call.
+        rank: this process's rank.
+        world_size: how many processes share the work.
+        barrier: waits for every rank (the strategy's barrier under DDP).
+
+    Raises:
+        ValueError: random crops with ``latents``, or a trainable text encoder or tag shuffling
+            with ``text``.
+    """
+    for dataset, _ in datasets:
+        check_cacheable(dataset, module, latents, text)
+    barrier()  # nobody writes before every rank has listed what is missing
+    stats = CacheStats()
+    vae_id = model_fingerprint(module.vae) if latents else ""
+    text_id = _text_identity(module) if text else ""
+    jobs: dict[str, tuple[ImageRecord, CropPlan, bool, ImageCaptionDataset]] = {}
+    views = []
+    for dataset, sample_latents in datasets:
+        latent_keys = _latent_keys(dataset, vae_id, jobs) if latents else None
+        text_keys = {p: text_key(p, text_id) for p in dataset.prompts()} if text else None
+        views.append(CachedView(cache, latent_keys, text_keys, sample_latents))
+    missing = sorted(k for k in jobs if not cache.has("latents", k))
+    stats.latents_cached = len(jobs) - len(missing)
+    stats.latents_encoded = _encode_images(
+        module, cache, [(k, *jobs[k]) for k in missing[rank::world_size]], batch_size
+    )
+    prompts = {p: k for v in views if v.text_keys for p, k in v.text_keys.items()}
+    todo = sorted(p for p, k in prompts.items() if not cache.has("text", k))
+    stats.texts_cached = len(prompts) - len(todo)
+    stats.texts_encoded = _encode_texts(
+        module, cache, [(p, prompts[p]) for p in todo[rank::world_size]], batch_size
+    )
+    barrier()
+    absent = [k for k in missing if not cache.has("latents", k)]
+    absent += [prompts[p] for p in todo if not cache.has("text", prompts[p])]
+    if absent:
+        raise RuntimeError(f"{len(absent)} cache entries missing in {cache.root} after filling")
+    for (dataset, _), view in zip(datasets, views, strict=True):
+        dataset.cached = view
+    return stats
+
+
+def check_cacheable(
+    dataset: ImageCaptionDataset, module: StableDiffusionLoRA, latents: bool, text: bool
+) -> None:
+    """Refuse caching that would serve the wrong tensors."""
+    if latents and not dataset.transform.deterministic:
+        raise ValueError(
+            "cache_latents needs a fixed crop per image, but random crops are on: set "
+            "center_crop: true or bucketing: true (random crops change the pixels every step)"
+        )
+    if text and any(p.requires_grad for p in module.text_encoder.parameters()):
+        raise ValueError(
+            "cache_text_embeddings needs a frozen text encoder, but it trains (a LoRA or new "
+            "token embeddings): its outputs change every step; set cache_text_embeddings: false"
+        )
+    if text and dataset.captions is not None and dataset.captions.varies:
+        raise ValueError(
+            "cache_text_embeddings cannot serve shuffled tags (every step makes a new caption): "
+            "set shuffle_tags: false or cache_text_embeddings: false"
+        )
+
+
+# Module settings known not to change what ``encode_text`` returns; every other hparam (clip
+# skip, pivotal tokens, settings added later) is part of the text key, so none is served stale.
+_TRAINING_ONLY = {
+    "adapter", "objective", "learning_rate", "text_encoder_lr", "adam_weight_decay",
+    "lr_scheduler", "lr_warmup_steps", "heldout_seed",
+}  # fmt: skip
+
+
+def _text_identity(module) -> str:
+    tok = module.tokenizer
+    hparams = dict(getattr(module, "hparams", {}))
+    settings = {k: v for k, v in hparams.items() if k not in _TRAINING_ONLY}
+    return model_fingerprint(
+        module.text_encoder,
+        type(module).__qualname__,
+        json.dumps(settings, sort_keys=True, default=str),
+        f"{type(tok).__qualname__}:{len(tok)}:{tok.model_max_length}",
+    )
+
+
+def _latent_keys(dataset: ImageCaptionDataset, vae_id: str, jobs: dict) -> list:
+    settings = dataset.transform.settings()
+    keys = []
+    for record in dataset.records:
+        plan = dataset.transform.plan(record.size)
+        pair = []
+        for flipped in (False, True) if dataset.transform.random_flip else (False,):
+            key = latent_key(record.digest, plan, flipped, settings, vae_id)
+            jobs.setdefault(key, (record, plan, flipped, dataset))
+            pair.append(key)
+        keys.append((pair[0], pair[1] if len(pair) > 1 else None))
+    return keys
+
+
+def _encode_images(module, cache: LatentCache, jobs: list, batch_size: int) -> int:
+    by_shape: dict[tuple[int, int], list] = {}
+    for job in jobs:
+        by_shape.setdefault(job[2].target, []).append(job)
+    for group in by_shape.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            pixels = torch.stack(
+                [ds.transform.apply(rec.open(), plan, flip) for _, rec, plan, flip, ds in chunk]
+            )
+            mean, std = encode_latent_distribution(module, pixels)
+            for (key, *_), m, s in zip(chunk, mean, std, strict=True):
+                cache.save("latents", key, {"mean": m, "std": s})
+    return len(jobs)
+
+
+@torch.no_grad()
+def _encode_texts(module, cache: LatentCache, jobs: list[tuple[str, str]], batch_size: int) -> int:
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        cond = module.encode_text([prompt for prompt, _ in chunk])
+        for i, (_, key) in enumerate(chunk):
+            cache.save("text", key, {name: value[i] for name, value in cond.items()})
+    return len(jobs)

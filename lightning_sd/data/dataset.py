@@ -1,0 +1,103 @@
+"""Scanned image records to training samples, decoded per sample or served from the cache.
+
+A sample is ``{"pixel_values" | "latents", "prompt", ("cond"), "loss_weight", "original_size",
+"crop_top_left", "target_size"}``: the module encodes what is not cached and weights each
+sample's loss by ``loss_weight``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from lightning_sd.data.cache import LatentCache
+from lightning_sd.data.captions import CaptionTransform
+from lightning_sd.data.records import ImageRecord
+from lightning_sd.data.transforms import ImageTransform, micro_conditioning
+
+__all__ = ["CachedView", "ImageCaptionDataset"]
+
+
+@dataclass
+class CachedView:
+    """What a dataset serves from the cache instead of encoding.
+
+    Attributes:
+        cache: the store.
+        latent_keys: per record, the keys of its (unflipped, flipped) latents; None when
+            latents are not cached. The flipped key is None without random flips.
+        text_keys: prompt -> key of its embeddings; None when text is not cached.
+        sample_latents: draw ``mean + std * eps`` (training) or serve the mean (validation).
+    """
+
+    cache: LatentCache
+    latent_keys: list[tuple[str, str | None]] | None
+    text_keys: dict[str, str] | None
+    sample_latents: bool
+
+
+class ImageCaptionDataset(Dataset):
+    """Records with a transform, a caption augmentation and a per-sample loss weight.
+
+    Args:
+        records: the scanned images (``records.scan_items``).
+        transform: resize / crop / flip.
+        captions: caption dropout and tag shuffling; None serves captions as they are.
+        loss_weight: every sample's loss weight (``prior_loss_weight`` for class images).
+        repeats: how many times each image appears per epoch.
+    """
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        transform: ImageTransform,
+        captions: CaptionTransform | None = None,
+        loss_weight: float = 1.0,
+        repeats: int = 1,
+    ):
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.records = records
+        self.transform = transform
+        self.captions = captions
+        self.loss_weight = loss_weight
+        self.repeats = repeats
+        self.cached: CachedView | None = None
+
+    def __len__(self) -> int:
+        return len(self.records) * self.repeats
+
+    def bucket_ids(self) -> list[int]:
+        """Every index's bucket (an index into ``transform.buckets``), for the batch sampler."""
+        buckets = self.transform.buckets or [(self.transform.resolution,) * 2]
+        ids = [buckets.index(self.transform.target_size(r.size)) for r in self.records]
+        return ids * self.repeats
+
+    def prompts(self) -> set[str]:
+        """Every text this dataset can emit (the captions, and ``""`` with caption dropout)."""
+        texts = {r.caption for r in self.records}
+        return texts | {""} if self.captions is not None and self.captions.dropout else texts
+
+    def __getitem__(self, index: int) -> dict:
+        i = index % len(self.records)
+        record = self.records[i]
+        plan = self.transform.plan(record.size)
+        flipped = self.transform.draw_flip()
+        prompt = self.captions(record.caption) if self.captions is not None else record.caption
+        sample = {
+            "prompt": prompt,
+            "loss_weight": torch.tensor(self.loss_weight, dtype=torch.float32),
+            **micro_conditioning(plan, flipped),
+        }
+        cached = self.cached
+        if cached is not None and cached.latent_keys is not None:
+            entry = cached.cache.load("latents", cached.latent_keys[i][flipped])
+            noise = torch.randn_like(entry["std"]) if cached.sample_latents else 0.0
+            sample["latents"] = entry["mean"] + entry["std"] * noise
+        else:
+            sample["pixel_values"] = self.transform.apply(record.open(), plan, flipped)
+        if cached is not None and cached.text_keys is not None:
+            sample["cond"] = cached.cache.load("text", cached.text_keys[prompt])
+        return sample
