@@ -112,8 +112,9 @@ class StableDiffusionLoRA(LightningModule):
         # Frozen weights in the mixed-precision dtype; the VAE stays float32 (SDXL's overflows
         # in fp16) and adapters are made float32 by add_adapter.
         dtype = self.frozen_dtype()
-        self.unet.to(dtype)
-        self.text_encoder.to(dtype)
+        if dtype != torch.float32:
+            self.unet.to(dtype)
+            self.text_encoder.to(dtype)
         add_adapter(self.unet, self.adapter)
         if self.text_encoder_adapter is not None:
             add_adapter(self.text_encoder, self.text_encoder_adapter, skip_last_layers=h.clip_skip)
