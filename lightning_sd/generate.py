@@ -13,7 +13,12 @@ from lightning_sd.embeddings import EMBEDDINGS_NAME
 from lightning_sd.encoding import encode_prompts
 from lightning_sd.generation import generate_images
 from lightning_sd.grid import image_grid, save_image_atomic
-from lightning_sd.lora_io import LORA_WEIGHT_NAME, METADATA_KEY, read_safetensors
+from lightning_sd.lora_io import (
+    LORA_WEIGHT_NAME,
+    METADATA_KEY,
+    read_safetensors,
+    read_safetensors_metadata,
+)
 from lightning_sd.objectives import DiffusionObjective, Epsilon, Sample, VPrediction
 from lightning_sd.sampling import DPMPP2M, Euler, Heun
 from lightning_sd.serialization import from_config
@@ -28,18 +33,19 @@ def _weight_file(path: Path) -> Path:
     return path / LORA_WEIGHT_NAME if path.is_dir() else path
 
 
-def _objective(lora_paths: list[Path], scheduler) -> DiffusionObjective:
+def _training_facts(path: Path) -> dict:
+    """The ``lightning_sd`` header of a LoRA file or export folder (empty for foreign files)."""
+    header = read_safetensors_metadata(_weight_file(path))
+    return json.loads(header.get(METADATA_KEY, "{}"))
+
+
+def _objective(facts: list[dict], scheduler) -> DiffusionObjective:
     """The objective the adapters were trained with (from their headers), else the base's own.
 
     A LoRA trained with v-prediction on an epsilon base predicts v: sampling it as epsilon
     would be wrong, so the training objective travels in the file.
     """
-    configs = []
-    for path in lora_paths:
-        _, header = read_safetensors(_weight_file(path))
-        facts = json.loads(header.get(METADATA_KEY, "{}"))
-        if "objective" in facts:
-            configs.append(facts["objective"])
+    configs = [f["objective"] for f in facts if "objective" in f]
     if any(c != configs[0] for c in configs):
         raise ValueError(
             "the LoRA files were trained with different objectives; combine them "
@@ -54,10 +60,10 @@ def _objective(lora_paths: list[Path], scheduler) -> DiffusionObjective:
     return objective
 
 
-def _load_embeddings(pipe, lora_paths: list[Path]) -> dict[str, str]:
+def _load_embeddings(pipe, lora_paths: list[Path], facts: list[dict]) -> dict[str, str]:
     """Load pivotal-tuning tokens saved beside the LoRA; returns abstraction -> tokens."""
     substitutions = {}
-    for path in lora_paths:
+    for path, file_facts in zip(lora_paths, facts, strict=True):
         folder = path if path.is_dir() else path.parent
         if not (folder / EMBEDDINGS_NAME).is_file():
             continue
@@ -69,8 +75,7 @@ def _load_embeddings(pipe, lora_paths: list[Path]) -> dict[str, str]:
             text_encoder=pipe.text_encoder,
             tokenizer=pipe.tokenizer,
         )
-        _, lora_header = read_safetensors(_weight_file(path))
-        pivotal = json.loads(lora_header.get(METADATA_KEY, "{}")).get("pivotal_tuning") or {}
+        pivotal = file_facts.get("pivotal_tuning") or {}
         if pivotal.get("token_abstraction"):
             substitutions[pivotal["token_abstraction"]] = "".join(tokens)
     return substitutions
@@ -132,8 +137,9 @@ def generate(
         if fuse:
             pipe.fuse_lora(adapter_names=names)
             pipe.unload_lora_weights()
-    substitutions = _load_embeddings(pipe, loras)
-    objective = _objective(loras, pipe.scheduler)
+    facts = [_training_facts(path) for path in loras]
+    substitutions = _load_embeddings(pipe, loras, facts)
+    objective = _objective(facts, pipe.scheduler)
     pipe.to(device)
 
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ __all__ = [
     "adapter_state_dict",
     "load_lora_into",
     "read_safetensors",
+    "read_safetensors_metadata",
     "save_diffusers_lora",
     "save_kohya_lora",
     "write_safetensors",
@@ -69,6 +70,18 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     try:
         with safe_open(str(path), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        msg = f"{path}: not a readable safetensors file, truncated or corrupt ({err})"
+        raise LoRAFileError(msg) from err
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """Only the header metadata: no tensor is read (LoRA files can be hundreds of MB)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         msg = f"{path}: not a readable safetensors file, truncated or corrupt ({err})"
         raise LoRAFileError(msg) from err

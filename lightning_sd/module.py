@@ -11,7 +11,7 @@ from lightning import LightningModule
 from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig, add_adapter, trainable_parameters
 from lightning_sd.components import load_components
-from lightning_sd.encoding import encode_prompts, vae_decode, vae_encode
+from lightning_sd.encoding import encode_prompts, vae_encode
 from lightning_sd.generation import generate_images
 from lightning_sd.lora_io import load_lora_into
 from lightning_sd.objectives import DiffusionObjective
@@ -171,11 +171,6 @@ class StableDiffusionLoRA(LightningModule):
     def encode_latents(self, pixel_values: torch.Tensor, sample: bool = True) -> torch.Tensor:
         """Images in [-1, 1] to scaled VAE latents (the mode, when ``sample`` is False)."""
         return vae_encode(self.vae, pixel_values, sample)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents to images in [0, 1]."""
-        return vae_decode(self.vae, latents)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompts to the UNet's conditioning keyword arguments.

@@ -11,9 +11,9 @@ from lightning_sd.data import (
     DreamBoothDataModule,
     LatentCache,
     SidecarCaptions,
-    encode_latent_distribution,
 )
 from lightning_sd.data.cache import latent_key, model_fingerprint
+from lightning_sd.encoding import vae_posterior
 from lightning_sd.module import StableDiffusionLoRA
 
 SIZES = [(48, 48), (56, 40), (40, 56), (54, 36), (44, 44), (50, 34)]
@@ -85,7 +85,7 @@ def test_cached_latents_and_embeddings_equal_fresh_ones(module, photos, tmp_path
 
 def test_std_is_the_posterior_std(module):
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
-    mean, std = encode_latent_distribution(module, pixels)
+    mean, std = vae_posterior(module.vae, pixels)
     torch.testing.assert_close(mean, module.encode_latents(pixels, sample=False))
     dist = module.vae.encode(pixels).latent_dist
     torch.testing.assert_close(std, dist.std * module.vae.config.scaling_factor)

@@ -3,7 +3,7 @@
 from lightning_sd.data.base import ImageDataModule
 from lightning_sd.data.buckets import BucketBatchSampler, make_buckets
 from lightning_sd.data.cache import LatentCache
-from lightning_sd.data.caching import CacheStats, encode_latent_distribution, fill_cache
+from lightning_sd.data.caching import CacheStats, fill_cache
 from lightning_sd.data.caption_datamodule import CaptionDataModule
 from lightning_sd.data.captions import CaptionTransform
 from lightning_sd.data.class_images import generate_class_images
@@ -36,7 +36,6 @@ __all__ = [
     "PriorPreservationDataset",
     "SidecarCaptions",
     "collate_pairs",
-    "encode_latent_distribution",
     "fill_cache",
     "generate_class_images",
     "list_images",

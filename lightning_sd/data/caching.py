@@ -25,7 +25,7 @@ from lightning_sd.encoding import vae_posterior
 if TYPE_CHECKING:
     from lightning_sd.module import StableDiffusionLoRA
 
-__all__ = ["CacheStats", "encode_latent_distribution", "fill_cache"]
+__all__ = ["CacheStats", "fill_cache"]
 
 
 @dataclass
@@ -39,13 +39,6 @@ class CacheStats:
 
 
 @torch.no_grad()
-def encode_latent_distribution(
-    module: StableDiffusionLoRA, pixel_values: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """The VAE posterior's (mean, std), scaled as ``module.encode_latents`` scales."""
-    return vae_posterior(module.vae, pixel_values)
-
-
 def fill_cache(
     datasets: Sequence[tuple[ImageCaptionDataset, bool]],
     module: StableDiffusionLoRA,
@@ -173,7 +166,7 @@ def _encode_images(module, cache: LatentCache, jobs: list, batch_size: int) -> i
             pixels = torch.stack(
                 [ds.transform.apply(rec.open(), plan, flip) for _, rec, plan, flip, ds in chunk]
             )
-            mean, std = encode_latent_distribution(module, pixels)
+            mean, std = vae_posterior(module.vae, pixels)
             for (key, *_), m, s in zip(chunk, mean, std, strict=True):
                 cache.save("latents", key, {"mean": m, "std": s})
     return len(jobs)
