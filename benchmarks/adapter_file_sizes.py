@@ -14,23 +14,14 @@ import copy
 import csv
 import platform
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-
-def sd15_unet():
-    from diffusers import UNet2DConditionModel
-
-    # SD1.5's UNet config (stable-diffusion-v1-5/unet/config.json), built locally.
-    return UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        layers_per_block=2,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import sd15_unet  # noqa: E402
 
 
 def main() -> None:

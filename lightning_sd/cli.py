@@ -6,22 +6,42 @@ Python API lacks.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from lightning import LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_sd.callbacks.export import LoRAExport
+from lightning_sd.callbacks.fault_tolerance import FaultTolerance
 from lightning_sd.module import StableDiffusionLoRA
 
 __all__ = ["LightningSDCLI", "build_cli", "main"]
 
 
 class LightningSDCLI(LightningCLI):
-    """LightningCLI with the LoRA export always attached (``--export.dirpath`` moves it)."""
+    """LightningCLI with three callbacks always attached, each configurable by its group.
+
+    - ``export``: :class:`LoRAExport` (``--export.dirpath`` moves the LoRA files).
+    - ``checkpoint``: ``ModelCheckpoint`` keeping ``last.ckpt`` every 250 steps
+      (``--checkpoint.every_n_train_steps``) in ``<trainer.default_root_dir>/checkpoints``:
+      one folder for every run of a recipe, so ``--ckpt_path last`` finds the latest.
+    - ``faults``: :class:`FaultTolerance`: atomic checkpoints, a checkpoint on SIGTERM, a stop
+      with a message on a non-finite loss.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LoRAExport, "export")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 250})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", _checkpoint_dir)
+        parser.add_lightning_class_args(FaultTolerance, "faults")
+
+
+def _checkpoint_dir(default_root_dir: str | None) -> str:
+    return str(Path(default_root_dir or os.getcwd()) / "checkpoints")
 
 
 def _tool(function):
@@ -66,6 +86,12 @@ def _merge():
     return merge_loras
 
 
+def _convert():
+    from lightning_sd.convert import convert_checkpoint
+
+    return convert_checkpoint
+
+
 def _tiny_metrics():
     from lightning_sd.metrics.tiny import write_tiny_metric_models
 
@@ -78,6 +104,7 @@ TOOLS = {
     "tiny-metrics": _tiny_metrics,
     "generate": _generate,
     "merge": _merge,
+    "convert-checkpoint": _convert,
 }
 
 
@@ -87,6 +114,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningSDCLI
         StableDiffusionLoRA,
         LightningDataModule,
         subclass_mode_data=True,
+        # A resumed run writes its config where the interrupted one did.
+        save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
     )

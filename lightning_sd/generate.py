@@ -9,8 +9,9 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from lightning_sd.components import pipeline_class
 from lightning_sd.embeddings import EMBEDDINGS_NAME
-from lightning_sd.encoding import encode_prompts
+from lightning_sd.encoding import encode_prompts, encode_prompts_sdxl
 from lightning_sd.generation import generate_images
 from lightning_sd.grid import image_grid, save_image_atomic
 from lightning_sd.lora_io import (
@@ -19,7 +20,8 @@ from lightning_sd.lora_io import (
     read_safetensors,
     read_safetensors_metadata,
 )
-from lightning_sd.objectives import DiffusionObjective, Epsilon, Sample, VPrediction
+from lightning_sd.objectives import EDM, DiffusionObjective, Epsilon, Sample, VPrediction
+from lightning_sd.objectives.schedule import DiscreteSchedule, EDMSchedule
 from lightning_sd.sampling import DPMPP2M, Euler, Heun
 from lightning_sd.serialization import from_config
 
@@ -53,6 +55,9 @@ def _objective(facts: list[dict], scheduler) -> DiffusionObjective:
         )
     if configs:
         objective = from_config(configs[0])
+    elif isinstance(DiscreteSchedule.from_scheduler(scheduler), EDMSchedule):
+        # EDM-native bases (Playground v2.5) are preconditioned as their scheduler does.
+        objective = DiffusionObjective(EDM(sigma_data=scheduler.config.get("sigma_data", 0.5)))
     else:
         prediction = scheduler.config.get("prediction_type", "epsilon")
         objective = DiffusionObjective(_BY_PREDICTION[prediction]())
@@ -69,12 +74,15 @@ def _load_embeddings(pipe, lora_paths: list[Path], facts: list[dict]) -> dict[st
             continue
         tensors, header = read_safetensors(folder / EMBEDDINGS_NAME)
         tokens = json.loads(header["tokens"])
-        pipe.load_textual_inversion(
-            list(tensors["clip_l"]),
-            token=tokens,
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-        )
+        # SD1.x: clip_l only; SDXL: clip_l into text_encoder and clip_g into text_encoder_2.
+        for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
+            if key in tensors:
+                pipe.load_textual_inversion(
+                    list(tensors[key]),
+                    token=tokens,
+                    text_encoder=getattr(pipe, f"text_encoder{suffix}"),
+                    tokenizer=getattr(pipe, f"tokenizer{suffix}"),
+                )
         pivotal = file_facts.get("pivotal_tuning") or {}
         if pivotal.get("token_abstraction"):
             substitutions[pivotal["token_abstraction"]] = "".join(tokens)
@@ -99,6 +107,9 @@ def generate(
 ) -> list[Path]:
     """Generate one image per prompt and seed from a base model with LoRA adapters.
 
+    SD1.x/2.x and SDXL-family bases (SDXL, Playground v2.5) alike: the pipeline class comes
+    from the base's ``model_index.json``.
+
     Args:
         pretrained_model_name_or_path: the base pipeline (hub id or folder).
         prompts: the prompts; a pivotal-tuning abstraction (``TOK``) is replaced by the new
@@ -119,16 +130,15 @@ def generate(
     Returns:
         The image paths, then the grid's.
     """
-    from diffusers import StableDiffusionPipeline
-
     loras = [Path(p) for p in loras or []]
     seeds = seeds if seeds is not None else [0]
     scales = lora_scales if lora_scales is not None else [1.0] * len(loras)
     if len(scales) != len(loras):
         raise ValueError(f"{len(loras)} LoRA files but {len(scales)} lora_scales")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        pretrained_model_name_or_path, revision=revision, safety_checker=None
-    )
+    cls = pipeline_class(pretrained_model_name_or_path, revision)
+    extra = {"safety_checker": None} if cls.__name__ == "StableDiffusionPipeline" else {}
+    pipe = cls.from_pretrained(pretrained_model_name_or_path, revision=revision, **extra)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     names = [f"lora_{i}" for i in range(len(loras))]
     for name, path in zip(names, loras, strict=True):
         pipe.load_lora_weights(str(path), adapter_name=name)
@@ -145,6 +155,9 @@ def generate(
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:
         for abstraction, tokens in substitutions.items():
             texts = [t.replace(abstraction, tokens) for t in texts]
+        if sdxl:
+            encoders = [pipe.text_encoder, pipe.text_encoder_2]
+            return encode_prompts_sdxl([pipe.tokenizer, pipe.tokenizer_2], encoders, texts)
         return encode_prompts(pipe.tokenizer, pipe.text_encoder, texts)
 
     all_prompts = [p for p in prompts for _ in seeds]

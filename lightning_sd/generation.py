@@ -7,7 +7,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_sd.encoding import unet_fn, vae_decode, vae_scale_factor
+from lightning_sd.encoding import (
+    add_time_ids,
+    unet_conditioning,
+    unet_fn,
+    vae_decode,
+    vae_scale_factor,
+)
 from lightning_sd.objectives import DiffusionObjective
 from lightning_sd.sampling import Sampler, sample
 
@@ -41,7 +47,9 @@ def generate_images(
         objective: gives the denoiser D(x; sigma) for the parameterization the UNet predicts.
         unet: the (adapted) UNet.
         vae: decodes the latents.
-        encode: prompts -> UNet conditioning keyword arguments.
+        encode: prompts -> text embeddings (``encoder_hidden_states``, and SDXL's pooled
+            ``text_embeds``); SDXL's time ids are added here for the generated size, uncropped,
+            as diffusers' SDXL pipeline does by default.
         prompts: one prompt per image.
         seeds: one seed per image.
         steps: sampler steps over Karras sigmas of the checkpoint's sigma range.
@@ -61,12 +69,18 @@ def generate_images(
     side = (resolution or unet.config.sample_size * factor) // factor
     device = next(unet.parameters()).device
     noise = seeded_noise((unet.config.in_channels, side, side), seeds, device)
-    uncond = encode([negative_prompt] * len(prompts)) if guidance_scale != 1 else None
+    size = torch.tensor([side * factor, side * factor])
+    time_ids = add_time_ids(size, torch.zeros(2, dtype=torch.long), size)
+
+    def conditioning(texts: list[str]) -> dict:
+        return unet_conditioning(encode(texts), time_ids)
+
+    uncond = conditioning([negative_prompt] * len(prompts)) if guidance_scale != 1 else None
     latents = sample(
         objective,
         unet_fn(unet),
         noise,
-        cond=encode(prompts),
+        cond=conditioning(prompts),
         uncond=uncond,
         guidance_scale=guidance_scale,
         steps=steps,

@@ -24,6 +24,8 @@ def write_model_card(
         tokens: pivotal-tuning tokens that replace the abstraction in prompts, if any.
     """
     base = metadata.get("base_model", "")
+    sdxl = metadata.get("pipeline") == "StableDiffusionXLPipeline"
+    te2 = "yes" if metadata.get("text_encoder_2_adapter") else "no"
     adapter = metadata.get("adapter", {})
     objective = metadata.get("objective", {})
     parameterization = (objective.get("init_args", {}).get("parameterization", {}) or {}).get(
@@ -54,6 +56,7 @@ def write_model_card(
         f"| rank / alpha | {adapter.get('rank')} / {adapter.get('alpha') or adapter.get('rank')} |",
         f"| targets | {adapter.get('targets')} |",
         f"| text-encoder adapter | {'yes' if metadata.get('text_encoder_adapter') else 'no'} |",
+        *([f"| text-encoder 2 adapter | {te2} |"] if sdxl else []),
         f"| objective | {parameterization.rsplit('.', 1)[-1]} |",
         f"| steps | {metadata.get('steps')} |",
         "",
@@ -76,6 +79,12 @@ def write_model_card(
             f"pipe.load_textual_inversion(state['clip_l'], token={tokens!r},",
             "                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
         ]
+        if sdxl:
+            lines += [
+                f"pipe.load_textual_inversion(state['clip_g'], token={tokens!r},",
+                "                            text_encoder=pipe.text_encoder_2, "
+                "tokenizer=pipe.tokenizer_2)",
+            ]
     prompt = trigger or "a photo"
     if tokens and trigger:
         prompt = trigger.replace(
@@ -87,7 +96,8 @@ def write_model_card(
             "## A1111 / ComfyUI",
             "",
             f"`{files['kohya'].name}` is the same adapter in the kohya layout "
-            "(`lora_unet_*`, `lora_te_*`, with the real alpha).",
+            f"(`lora_unet_*`, {'`lora_te1_*`, `lora_te2_*`' if sdxl else '`lora_te_*`'}, "
+            "with the real alpha).",
             "",
         ]
     lines += ["## Files", ""] + [f"- `{p.name}` ({fmt})" for fmt, p in files.items()] + [""]

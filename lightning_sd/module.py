@@ -7,16 +7,32 @@ import warnings
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig, add_adapter, trainable_parameters
 from lightning_sd.components import load_components
-from lightning_sd.encoding import encode_prompts, vae_encode
+from lightning_sd.encoding import (
+    add_time_ids,
+    encode_prompts,
+    encode_prompts_sdxl,
+    unet_conditioning,
+    vae_encode,
+    vae_scale_factor,
+)
 from lightning_sd.generation import generate_images
 from lightning_sd.lora_io import load_lora_into
 from lightning_sd.objectives import DiffusionObjective
-from lightning_sd.optim import LRSchedule, lr_lambda
+from lightning_sd.optim import (
+    LRSchedule,
+    OptimizerFactory,
+    build_optimizer,
+    lr_lambda,
+    optimizer_config,
+    optimizer_factory,
+)
 from lightning_sd.pivotal import ExtendedEmbedding, PivotalTuning, add_tokens
+from lightning_sd.rng import gather_rng_states, restore_rng_states
 from lightning_sd.sampling import Sampler
 from lightning_sd.serialization import from_config, to_config
 
@@ -36,6 +52,12 @@ class StableDiffusionLoRA(LightningModule):
         adapter: the UNet adapter (kind, rank, alpha, targets). Checkpoints store it as a dict,
             which is accepted too (likewise for the next two).
         text_encoder_adapter: an adapter on the text encoder too; ``None`` keeps it frozen.
+        text_encoder_2_adapter: an adapter on SDXL's second text encoder; ``None`` keeps it
+            frozen.
+        vae_name_or_path: a standalone VAE instead of the pipeline's (hub id or folder), e.g.
+            ``madebyollin/sdxl-vae-fp16-fix``. It is cast to half precision with the frozen
+            base under ``16-mixed``, so it must be fp16-safe; the pipeline's own VAE stays
+            float32 (SDXL's overflows in fp16).
         pivotal_tuning: new tokens trained with the LoRA (prompts use the abstraction).
         lora_weights: a LoRA file or folder (diffusers or kohya layout) to continue training
             from; it must match the configured adapters (modules, rank, alpha).
@@ -45,11 +67,20 @@ class StableDiffusionLoRA(LightningModule):
             last (diffusers' ``clip_skip``; 0 = last layer). Skipped layers get no adapter.
         gradient_checkpointing: recompute activations in the backward pass (non-reentrant, so
             adapters on a frozen base still get gradients) to trade compute for memory.
-        learning_rate: AdamW learning rate for the UNet adapters.
+        learning_rate: learning rate of the UNet adapters.
         text_encoder_lr: learning rate of the text-encoder adapters (default ``learning_rate``).
-        adam_weight_decay: AdamW decoupled weight decay.
+        text_encoder_2_lr: learning rate of SDXL's second text-encoder adapters (default
+            ``text_encoder_lr``).
+        optimizer: the optimizer class, or a ``functools.partial`` of one (YAML: ``class_path``
+            and ``init_args``): e.g. ``bitsandbytes.optim.AdamW8bit`` or ``prodigyopt.Prodigy``
+            (set ``learning_rate: 1.0`` for Prodigy). Each group's learning rate overrides its
+            ``lr``. Default: AdamW, weight decay 1e-2, fused where the device has the kernel,
+            and ``DeepSpeedCPUAdam`` under DeepSpeed optimizer offload.
         lr_scheduler: the schedule after warm-up, stepped every optimizer step.
         lr_warmup_steps: linear warm-up steps of the schedule.
+        lr_power: the exponent of the ``polynomial`` schedule.
+        channels_last: keep the UNet's weights and inputs in channels-last memory format
+            (faster convolutions with tensor cores).
         heldout_seed: seeds the fixed noise and timesteps of the held-out validation loss.
     """
 
@@ -60,6 +91,8 @@ class StableDiffusionLoRA(LightningModule):
         variant: str | None = None,
         adapter: AdapterConfig | None = None,
         text_encoder_adapter: AdapterConfig | None = None,
+        text_encoder_2_adapter: AdapterConfig | None = None,
+        vae_name_or_path: str | None = None,
         pivotal_tuning: PivotalTuning | None = None,
         lora_weights: str | None = None,
         objective: DiffusionObjective | None = None,
@@ -67,9 +100,12 @@ class StableDiffusionLoRA(LightningModule):
         gradient_checkpointing: bool = False,
         learning_rate: float = 1e-4,
         text_encoder_lr: float | None = None,
-        adam_weight_decay: float = 1e-2,
+        text_encoder_2_lr: float | None = None,
+        optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedule = "constant",
         lr_warmup_steps: int = 0,
+        lr_power: float = 1.0,
+        channels_last: bool = False,
         heldout_seed: int = 0,
     ):
         super().__init__()
@@ -79,26 +115,45 @@ class StableDiffusionLoRA(LightningModule):
             adapter = AdapterConfig(**adapter)
         if isinstance(text_encoder_adapter, dict):
             text_encoder_adapter = AdapterConfig(**text_encoder_adapter)
+        if isinstance(text_encoder_2_adapter, dict):
+            text_encoder_2_adapter = AdapterConfig(**text_encoder_2_adapter)
         if isinstance(pivotal_tuning, dict):
             pivotal_tuning = PivotalTuning(**pivotal_tuning)
         if isinstance(objective, dict):
             objective = from_config(objective)
+        if isinstance(optimizer, dict):
+            optimizer = optimizer_factory(optimizer)
+        self.optimizer: OptimizerFactory | None = optimizer
         self.adapter = adapter or AdapterConfig()
         self.text_encoder_adapter = text_encoder_adapter
+        self.text_encoder_2_adapter = text_encoder_2_adapter
         self.pivotal_tuning = pivotal_tuning
         self.objective = objective or DiffusionObjective()
         self.save_hyperparameters(
-            ignore=["adapter", "text_encoder_adapter", "pivotal_tuning", "objective"]
+            ignore=[
+                "adapter",
+                "text_encoder_adapter",
+                "text_encoder_2_adapter",
+                "pivotal_tuning",
+                "objective",
+                "optimizer",
+            ]
         )
+        self.hparams["optimizer"] = optimizer_config(optimizer)
         self.hparams["adapter"] = dataclasses.asdict(self.adapter)
         self.hparams["text_encoder_adapter"] = text_encoder_adapter and dataclasses.asdict(
             text_encoder_adapter
         )
+        self.hparams["text_encoder_2_adapter"] = text_encoder_2_adapter and dataclasses.asdict(
+            text_encoder_2_adapter
+        )
         self.hparams["pivotal_tuning"] = pivotal_tuning and dataclasses.asdict(pivotal_tuning)
         self.hparams["objective"] = to_config(self.objective)
         self.unet = self.vae = self.text_encoder = self.tokenizer = None
+        self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second encoder
         # Checkpoints hold adapters only; on_load_checkpoint checks nothing trainable is missing.
         self.strict_loading = False
+        self._rng_states_to_restore: list | None = None
 
     # -- model ------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -106,26 +161,52 @@ class StableDiffusionLoRA(LightningModule):
         if self.unet is not None:
             return
         h = self.hparams
-        parts = load_components(h.pretrained_model_name_or_path, h.revision, h.variant)
-        self.vae, self.text_encoder, self.tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
-        self.unet = parts.unet
-        # Frozen weights in the mixed-precision dtype; the VAE stays float32 (SDXL's overflows
-        # in fp16) and adapters are made float32 by add_adapter.
+        parts = load_components(
+            h.pretrained_model_name_or_path,
+            h.revision,
+            h.variant,
+            vae_name_or_path=h.vae_name_or_path,
+        )
+        self.vae, self.unet = parts.vae, parts.unet
+        self.text_encoder, self.tokenizer = parts.text_encoder, parts.tokenizer
+        self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
+        # Frozen weights in the mixed-precision dtype; the pipeline's VAE stays float32 (SDXL's
+        # overflows in fp16) and adapters are made float32 by add_adapter.
         dtype = self.frozen_dtype()
         if dtype != torch.float32:
-            self.unet.to(dtype)
-            self.text_encoder.to(dtype)
+            frozen = [self.unet, *self.text_encoders().values()]
+            for model in frozen + ([self.vae] if h.vae_name_or_path else []):
+                model.to(dtype)
         add_adapter(self.unet, self.adapter)
+        # SDXL conditions on text encoder 1's penultimate layer: its last gets no gradient.
+        skip = h.clip_skip + (1 if self.text_encoder_2 is not None else 0)
         if self.text_encoder_adapter is not None:
-            add_adapter(self.text_encoder, self.text_encoder_adapter, skip_last_layers=h.clip_skip)
+            add_adapter(self.text_encoder, self.text_encoder_adapter, skip_last_layers=skip)
+        if self.text_encoder_2_adapter is not None:
+            if self.text_encoder_2 is None:
+                raise ValueError(
+                    f"text_encoder_2_adapter is set but {h.pretrained_model_name_or_path!r} has "
+                    "no second text encoder (it is not an SDXL-family pipeline)"
+                )
+            add_adapter(self.text_encoder_2, self.text_encoder_2_adapter)
         if self.pivotal_tuning is not None:
             add_tokens(self.tokenizer, self.text_encoder, self.pivotal_tuning)
+            if self.text_encoder_2 is not None:
+                add_tokens(self.tokenizer_2, self.text_encoder_2, self.pivotal_tuning)
         if h.lora_weights:
             load_lora_into(h.lora_weights, self.adapted_components())
         if h.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # diffusers: use_reentrant=False
-            self.text_encoder.activation_checkpointing_enable({"use_reentrant": False})
+            for encoder in self.text_encoders().values():
+                encoder.activation_checkpointing_enable({"use_reentrant": False})
+        if h.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         self.objective.set_schedule(parts.scheduler)
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The loaded text encoders by diffusers name (SDXL: both)."""
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {k: v for k, v in encoders.items() if v is not None}
 
     def frozen_dtype(self) -> torch.dtype:
         """float16/bfloat16 under ``16-mixed``/``bf16-mixed`` precision, else float32.
@@ -146,16 +227,22 @@ class StableDiffusionLoRA(LightningModule):
 
     def adapted_components(self) -> dict[str, torch.nn.Module]:
         """The parts that may carry adapters, by their diffusers names."""
-        return {"unet": self.unet, "text_encoder": self.text_encoder}
+        return {"unet": self.unet, **self.text_encoders()}
 
     def training_metadata(self) -> dict:
         """Facts written into exported files' headers and model cards."""
         h = self.hparams
         return {
             "base_model": h.pretrained_model_name_or_path,
+            "pipeline": (
+                "StableDiffusionXLPipeline"
+                if self.text_encoder_2 is not None
+                else "StableDiffusionPipeline"
+            ),
             "revision": h.revision,
             "adapter": h.adapter,
             "text_encoder_adapter": h.text_encoder_adapter,
+            "text_encoder_2_adapter": h.text_encoder_2_adapter,
             "pivotal_tuning": h.pivotal_tuning,
             "objective": h.objective,
             "clip_skip": h.clip_skip,
@@ -172,15 +259,41 @@ class StableDiffusionLoRA(LightningModule):
         """Images in [-1, 1] to scaled VAE latents (the mode, when ``sample`` is False)."""
         return vae_encode(self.vae, pixel_values, sample)
 
-    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Prompts to the UNet's conditioning keyword arguments.
+    def text_embeddings(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts to their text embeddings: what depends on the prompt alone (and is cached).
 
-        The pivotal-tuning abstraction (``TOK``) is replaced by its tokens here, so data,
+        SD1.x: ``encoder_hidden_states``; SDXL: also the pooled ``text_embeds``. The
+        pivotal-tuning abstraction (``TOK``) is replaced by its tokens here, so data,
         validation prompts and generation all write prompts the same way.
         """
         if self.pivotal_tuning is not None:
             prompts = [self.pivotal_tuning.substitute(p) for p in prompts]
-        return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.hparams.clip_skip)
+        if self.text_encoder_2 is None:
+            return encode_prompts(
+                self.tokenizer, self.text_encoder, prompts, self.hparams.clip_skip
+            )
+        return encode_prompts_sdxl(
+            [self.tokenizer, self.tokenizer_2],
+            [self.text_encoder, self.text_encoder_2],
+            prompts,
+            self.hparams.clip_skip,
+        )
+
+    def encode_text(
+        self, prompts: list[str], time_ids: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Prompts to the UNet's conditioning keyword arguments.
+
+        Args:
+            prompts: the prompts (may use the pivotal-tuning abstraction).
+            time_ids: SDXL's (B, 6) or (1, 6) size/crop conditioning (``add_time_ids``);
+                default the UNet's native square size, uncropped. Ignored for SD1.x.
+        """
+        if time_ids is None and self.text_encoder_2 is not None:
+            side = self.unet.config.sample_size * vae_scale_factor(self.vae)
+            size = torch.tensor([side, side])
+            time_ids = add_time_ids(size, torch.zeros(2, dtype=torch.long), size)
+        return unet_conditioning(self.text_embeddings(prompts), time_ids)
 
     # -- steps ------------------------------------------------------------------------------
     def batch_latents(self, batch: dict, sample: bool = True) -> torch.Tensor:
@@ -189,13 +302,31 @@ class StableDiffusionLoRA(LightningModule):
             return batch["latents"].float()
         return self.encode_latents(batch["pixel_values"], sample=sample)
 
-    def batch_cond(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Cached text conditioning (``batch["cond"]``) when served, else the encoded prompts."""
-        return batch["cond"] if "cond" in batch else self.encode_text(batch["prompt"])
+    def batch_cond(self, batch: dict, latents: torch.Tensor | None = None) -> dict:
+        """The UNet's conditioning for a batch: its cached text embeddings (``batch["cond"]``)
+        or its encoded prompts, plus SDXL's time ids from the batch's sizes and crops."""
+        text = batch["cond"] if "cond" in batch else self.text_embeddings(batch["prompt"])
+        return unet_conditioning(text, self.batch_time_ids(batch, latents))
+
+    def batch_time_ids(self, batch: dict, latents: torch.Tensor | None = None):
+        """SDXL's (B, 6) micro-conditioning from the data's original size, crop and target size
+        (computed each step, never cached); None for SD1.x. A batch without them (tensors made
+        by hand) is taken as uncropped images of the latents' size."""
+        if self.text_encoder_2 is None:
+            return None
+        if "original_size" in batch:
+            keys = ("original_size", "crop_top_left", "target_size")
+            return add_time_ids(*(batch[k] for k in keys))
+        if latents is None:
+            raise ValueError("an SDXL batch needs original_size/crop_top_left/target_size")
+        factor = vae_scale_factor(self.vae)
+        size = torch.tensor(latents.shape[-2:]) * factor
+        sizes = size.expand(len(latents), 2)
+        return add_time_ids(sizes, torch.zeros_like(sizes), sizes)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         latents = self.batch_latents(batch)
-        cond = self.batch_cond(batch)
+        cond = self.batch_cond(batch, latents)
         per_sample = self.objective.loss(self.unet_fn, latents, **cond)
         loss = (per_sample * batch["loss_weight"]).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
@@ -209,7 +340,7 @@ class StableDiffusionLoRA(LightningModule):
         latents = self.batch_latents(batch, sample=False)
         noise, sigma = self.heldout_noise(latents, batch_idx)
         per_sample = self.objective.loss(
-            self.unet_fn, latents, noise=noise, sigma=sigma, **self.batch_cond(batch)
+            self.unet_fn, latents, noise=noise, sigma=sigma, **self.batch_cond(batch, latents)
         )
         loss = (per_sample * batch["loss_weight"]).mean()
         self.log("val/loss", loss, prog_bar=True, batch_size=len(latents))
@@ -255,7 +386,7 @@ class StableDiffusionLoRA(LightningModule):
             self.objective,
             self.unet,
             self.vae,
-            self.encode_text,
+            self.text_embeddings,
             prompts,
             seeds,
             steps=steps,
@@ -273,49 +404,75 @@ class StableDiffusionLoRA(LightningModule):
         """
         h = self.hparams
         te_lr = h.text_encoder_lr if h.text_encoder_lr is not None else h.learning_rate
+        lrs = {
+            "text_encoder": te_lr,
+            "text_encoder_2": h.text_encoder_2_lr if h.text_encoder_2_lr is not None else te_lr,
+        }
         groups = [
-            {"name": "unet", "params": trainable_parameters(self.unet), "lr": h.learning_rate},
-            {
-                "name": "text_encoder",
-                "params": [
-                    p
-                    for n, p in self.text_encoder.named_parameters()
-                    if p.requires_grad and "lora_" in n
-                ],
-                "lr": te_lr,
-            },
+            {"name": "unet", "params": trainable_parameters(self.unet), "lr": h.learning_rate}
         ]
-        embedding = self.text_encoder.get_input_embeddings()
-        if isinstance(embedding, ExtendedEmbedding):
+        new_rows = []
+        for name, encoder in self.text_encoders().items():
+            lora = [p for n, p in encoder.named_parameters() if p.requires_grad and "lora_" in n]
+            groups.append({"name": name, "params": lora, "lr": lrs[name]})
+            embedding = encoder.get_input_embeddings()
+            if isinstance(embedding, ExtendedEmbedding):
+                new_rows.append(embedding.new)
+        if new_rows:  # pivotal tokens of every encoder: one rate, one stop step
             lr = self.pivotal_tuning.learning_rate
-            groups.append({"name": "embeddings", "params": [embedding.new], "lr": lr})
-            groups[-1]["weight_decay"] = 0.0
+            groups.append({"name": "embeddings", "params": new_rows, "lr": lr, "weight_decay": 0.0})
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):
         h = self.hparams
         groups = self.param_groups()
-        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, weight_decay=h.adam_weight_decay)
+        optimizer = build_optimizer(self.optimizer, groups, self._cpu_offload())
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         lambdas = []
         for group in groups:
             stop = None
             if group["name"] == "embeddings":
                 stop = round(self.pivotal_tuning.train_fraction * total)
-            lambdas.append(lr_lambda(h.lr_scheduler, h.lr_warmup_steps, total, stop))
+            lambdas.append(lr_lambda(h.lr_scheduler, h.lr_warmup_steps, total, stop, h.lr_power))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    # -- checkpoints: adapters only ---------------------------------------------------------
+    def _cpu_offload(self) -> bool:
+        """Whether DeepSpeed keeps the optimizer states on the CPU."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        config = getattr(strategy, "config", None) or {}
+        return bool(config.get("zero_optimization", {}).get("offload_optimizer"))
+
+    # -- checkpoints: adapters, optimizer, schedule, loops and RNG --------------------------
     def state_dict(self, *args, **kwargs):
-        """Only trainable tensors; the signature stays open because DeepSpeed passes more."""
+        """Only trainable tensors.
+
+        The signature stays open because DeepSpeed and FSDP pass ``destination``/``prefix``;
+        when a parent passes its ``destination`` it reads that dict, not the return value, so
+        the frozen entries are removed from it in place.
+        """
         full = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         keep = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
-        return type(full)((k, v) for k, v in full.items() if k in keep)
+        for key in [k for k in full if k.startswith(prefix) and k not in keep]:
+            del full[key]
+        return full
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Every rank's RNG states, so a resumed run draws the noise an uninterrupted one would.
+
+        Lightning calls this on every rank, which the gather needs.
+        """
+        checkpoint["rng_states"] = gather_rng_states(self.trainer.strategy)
+
+    def on_train_start(self) -> None:
+        # After the sanity check, whose draws an uninterrupted run never made.
+        if self._rng_states_to_restore is not None:
+            restore_rng_states(self._rng_states_to_restore, self.trainer.global_rank)
+            self._rng_states_to_restore = None
 
     @classmethod
     def load_from_checkpoint(cls, *args, **kwargs):
@@ -334,3 +491,4 @@ class StableDiffusionLoRA(LightningModule):
                 f"checkpoint lacks {len(missing)} trainable tensors of this model, e.g. "
                 f"{missing[:3]}: it was made with another adapter configuration"
             )
+        self._rng_states_to_restore = checkpoint.get("rng_states")

@@ -12,7 +12,7 @@ import importlib
 import inspect
 from typing import Any
 
-__all__ = ["from_config", "to_config"]
+__all__ = ["from_config", "import_class", "to_config"]
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -53,6 +53,14 @@ def from_config(config: Any) -> Any:
         return config
     if "class_path" not in config:
         return {k: from_config(v) for k, v in config.items()}
-    module, _, name = config["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    cls = import_class(config["class_path"])
     return cls(**{k: from_config(v) for k, v in config.get("init_args", {}).items()})
+
+
+def import_class(class_path: str) -> type:
+    """The class at a dotted import path, with an error that names the path when it fails."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"cannot import {class_path!r}: {err}") from err

@@ -1,8 +1,15 @@
 """Tiny Stable Diffusion pipelines built offline from configs, for tests, the demo and benchmarks.
 
-The architecture is SD1.x's (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, SD1.5's
-scaled-linear DDPM schedule); only the widths shrink. The tokenizer is the real CLIP BPE
-vocabulary that ships inside open_clip, so prompts tokenize exactly as they do for SD1.5.
+Two architectures, only the widths shrink:
+- SD1.x: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, SD1.5's scaled-linear DDPM schedule.
+- SDXL (Podell et al. 2023): two text encoders (``CLIPTextModel`` and
+  ``CLIPTextModelWithProjection``), a UNet conditioned on their concatenated penultimate states
+  and on the pooled embedding plus the six size/crop ``time_ids``. The ``edm`` variant stands in
+  for Playground v2.5: an EDM-native ``EDMEulerScheduler`` and a VAE with per-channel latent
+  statistics (``latents_mean`` / ``latents_std``).
+
+The tokenizers are the real CLIP BPE vocabulary that ships inside open_clip, so prompts
+tokenize exactly as they do for SD1.5 and SDXL.
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ class TinyPreset:
         vae_channels: VAE block widths; the VAE downsamples by 2 ** (len - 1).
         text_width: CLIP text hidden size (= the UNet's cross-attention dim).
         text_layers: CLIP text transformer depth.
+        text_width_2: width of SDXL's second text encoder (``CLIPTextModelWithProjection``);
+            0 builds an SD1.x pipeline, anything else an SDXL one.
+        edm: an EDM-native SDXL (Playground v2.5 stand-in): ``EDMEulerScheduler`` and a VAE
+            with latent statistics.
     """
 
     resolution: int
@@ -41,6 +52,8 @@ class TinyPreset:
     vae_channels: tuple[int, ...]
     text_width: int
     text_layers: int
+    text_width_2: int = 0
+    edm: bool = False
 
 
 PRESETS: dict[str, TinyPreset] = {
@@ -50,15 +63,24 @@ PRESETS: dict[str, TinyPreset] = {
     "small": TinyPreset(64, (32, 64, 64), (32, 64, 64), 64, 2),
     # SD1.5's 8x VAE downsampling, for measuring what latent caching saves at 256 px.
     "small-vae8": TinyPreset(256, (32, 64, 64), (16, 32, 64, 64), 64, 2),
+    # SDXL architecture (two text encoders, text_time conditioning), as small as "tiny".
+    "tiny-sdxl": TinyPreset(32, (32, 64), (32, 64), 32, 2, text_width_2=48),
+    # The same with Playground v2.5's EDM-native schedule and latent statistics.
+    "tiny-playground": TinyPreset(32, (32, 64), (32, 64), 32, 2, text_width_2=48, edm=True),
 }
 
 
-def build_clip_tokenizer(out_dir: str | Path):
+def build_clip_tokenizer(out_dir: str | Path, pad_token: str = EOS):
     """Write and load a CLIPTokenizer made from open_clip's bundled CLIP BPE vocabulary.
 
     open_clip ships the merges file OpenAI released with CLIP; the id order (byte tokens,
     byte tokens + ``</w>``, merges, specials) is the one CLIP was trained with, so ids match
     SD1.5's tokenizer.
+
+    Args:
+        out_dir: where vocab.json, merges.txt and the tokenizer config go.
+        pad_token: ``<|endoftext|>`` as SD1.5 and SDXL's first tokenizer pad; SDXL's second
+            tokenizer (OpenCLIP's) pads with ``!``.
     """
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
@@ -78,7 +100,7 @@ def build_clip_tokenizer(out_dir: str | Path):
         str(out_dir / "merges.txt"),
         bos_token=BOS,
         eos_token=EOS,
-        pad_token=EOS,  # SD1.5 pads with <|endoftext|>
+        pad_token=pad_token,
         model_max_length=77,
     )
     tokenizer.save_pretrained(out_dir)
@@ -86,8 +108,8 @@ def build_clip_tokenizer(out_dir: str | Path):
 
 
 def _components(preset: TinyPreset, seed: int):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     p = preset
     vae_factor = 2 ** (len(p.vae_channels) - 1)
@@ -106,32 +128,10 @@ def _components(preset: TinyPreset, seed: int):
         norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=p.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=p.resolution,
-    )
+    vae = _tiny_vae(p)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=p.text_width,
-            intermediate_size=p.text_width * 4,
-            num_hidden_layers=p.text_layers,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=p.text_width,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_act="quick_gelu",
-        )
+        _clip_text_config(p.text_width, p.text_layers, "quick_gelu", pad_token_id=49407)
     )
     # SD1.5's training schedule (its model_index ships PNDM for sampling; we train with DDPM).
     scheduler = DDPMScheduler(
@@ -146,32 +146,111 @@ def _components(preset: TinyPreset, seed: int):
     return unet, vae, text_encoder, scheduler
 
 
-def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Write a ``StableDiffusionPipeline`` folder of SD1.x architecture with random weights.
+def _tiny_vae(p, **config):
+    """A small ``AutoencoderKL`` of the preset's widths; ``config`` adds SDXL/EDM settings."""
+    from diffusers import AutoencoderKL
 
-    The folder is written next to its destination and renamed into place, so an interrupted
-    build never leaves a folder that ``from_pretrained`` half-loads.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=p.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=p.resolution,
+        **config,
+    )
 
-    Args:
-        out_dir: destination folder; it must not exist yet or must be empty.
-        preset: one of ``PRESETS`` (``tiny`` for tests, ``small`` for benchmarks).
-        seed: seeds every component's initialisation, so a preset and seed name one model.
 
-    Returns:
-        The folder, loadable with ``StableDiffusionPipeline.from_pretrained(out_dir)``.
-    """
-    from diffusers import StableDiffusionPipeline
+def _clip_text_config(width: int, layers: int, act: str, pad_token_id: int):
+    from transformers import CLIPTextConfig
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown tiny preset {preset!r}; choose one of {sorted(PRESETS)}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    unet, vae, text_encoder, scheduler = _components(PRESETS[preset], seed)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        tokenizer = build_clip_tokenizer(Path(tmp) / "tokenizer_build")
-        pipe = StableDiffusionPipeline(
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=width * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=width,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad_token_id,
+        hidden_act=act,
+    )
+
+
+def _sdxl_components(preset: TinyPreset, seed: int):
+    """SDXL's layout at tiny width: no attention in the first block, linear projections,
+    cross-attention over both encoders' states, and the pooled + time-id added embedding."""
+    from diffusers import (
+        EDMEulerScheduler,
+        EulerDiscreteScheduler,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    p = preset
+    vae_factor = 2 ** (len(p.vae_channels) - 1)
+    n_unet = len(p.unet_channels)
+    time_dim = 8  # SDXL: 256 per size/crop number
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=p.resolution // vae_factor,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=p.unet_channels,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_unet - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n_unet - 1) + ("UpBlock2D",),
+        cross_attention_dim=p.text_width + p.text_width_2,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + p.text_width_2,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    # Playground v2.5 normalises latents per channel; these statistics are stand-ins.
+    stats = dict(latents_mean=(0.1, -0.2, 0.3, -0.1), latents_std=(1.5, 2.0, 1.2, 1.8))
+    vae = _tiny_vae(
+        p, scaling_factor=0.5 if p.edm else 0.13025, force_upcast=True, **(stats if p.edm else {})
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        _clip_text_config(p.text_width, p.text_layers, "quick_gelu", 49407)
+    )
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _clip_text_config(p.text_width_2, p.text_layers, "gelu", 0)
+    )
+    if p.edm:
+        scheduler = EDMEulerScheduler(
+            sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="exponential"
+        )
+    else:  # what SDXL base ships
+        scheduler = EulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type="epsilon",
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+    return unet, vae, text_encoder, text_encoder_2, scheduler
+
+
+def _pipeline(preset: TinyPreset, seed: int, tmp: Path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    tokenizer = build_clip_tokenizer(tmp / "tokenizer_build")
+    if not preset.text_width_2:
+        unet, vae, text_encoder, scheduler = _components(preset, seed)
+        return StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -181,6 +260,43 @@ def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0
             feature_extractor=None,
             requires_safety_checker=False,
         )
+    unet, vae, text_encoder, text_encoder_2, scheduler = _sdxl_components(preset, seed)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_clip_tokenizer(tmp / "tokenizer_2_build", pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a pipeline folder of SD1.x or SDXL architecture with random weights.
+
+    The folder is written next to its destination and renamed into place, so an interrupted
+    build never leaves a folder that ``from_pretrained`` half-loads.
+
+    Args:
+        out_dir: destination folder; it must not exist yet or must be empty.
+        preset: one of ``PRESETS`` (``tiny`` for tests, ``small`` for benchmarks,
+            ``tiny-sdxl`` / ``tiny-playground`` for the SDXL architecture).
+        seed: seeds every component's initialisation, so a preset and seed name one model.
+
+    Returns:
+        The folder, loadable with ``StableDiffusionPipeline.from_pretrained(out_dir)`` (SDXL
+        presets: ``StableDiffusionXLPipeline``).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny preset {preset!r}; choose one of {sorted(PRESETS)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        pipe = _pipeline(PRESETS[preset], seed, Path(tmp))
         staged = Path(tmp) / "pipeline"
         pipe.save_pretrained(staged, safe_serialization=True)
         if out_dir.exists():

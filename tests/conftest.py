@@ -1,4 +1,5 @@
-"""Session-wide fixtures: one tiny pipeline and one instance set, built offline, shared by all."""
+"""Session-wide fixtures: tiny pipelines (SD1.x, SDXL, EDM-native SDXL) and one instance set,
+built offline, shared by all."""
 
 from __future__ import annotations
 
@@ -17,6 +18,23 @@ def tiny_pipeline_dir(tmp_path_factory):
     from lightning_sd.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """SDXL architecture: two text encoders, pooled + time-id conditioning, Euler schedule."""
+    from lightning_sd.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "sdxl", "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_playground_dir(tmp_path_factory):
+    """The SDXL architecture with an EDM-native schedule, standing in for Playground v2.5."""
+    from lightning_sd.tiny import build_tiny_pipeline
+
+    out = tmp_path_factory.mktemp("pipelines") / "playground"
+    return build_tiny_pipeline(out, "tiny-playground", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from lightning_sd.data import (
     SidecarCaptions,
     make_buckets,
 )
+from lightning_sd.data.keys import sample_key, split_key
 
 
 def test_buckets_hold_about_the_pixel_budget_in_multiples():
@@ -60,21 +61,24 @@ def test_batch_sampler_uses_every_index_once_per_epoch_in_one_bucket_batches():
     for epoch in range(2):
         sampler.set_epoch(epoch)  # what Lightning does through sampler.sampler.set_epoch
         epochs.append(list(sampler))
-    for batches in epochs:
+    for epoch, keys in enumerate(epochs):
+        assert all(split_key(k, 23)[0] == epoch for b in keys for k in b)  # keys carry the epoch
+        batches = [[split_key(k, 23)[1] for k in b] for b in keys]
         assert len(batches) == len(sampler) == 6  # buckets of 8, 8, 7: 2 + 2 + 2 (one short)
         assert sorted(i for b in batches for i in b) == list(range(23))
         assert all(len({bucket_ids[i] for i in b}) == 1 for b in batches)
     assert epochs[0] != epochs[1]  # reshuffled each epoch
-    loader = DataLoader(list(range(23)), batch_sampler=sampler)
+    loader = DataLoader(list(range(23 * 8)), batch_sampler=sampler)
     _set_sampler_epoch(loader, 7)  # Lightning, before every epoch (and after a resume)
-    assert list(loader.batch_sampler) == sampler.all_batches(epoch=7)
+    expected = [[sample_key(7, i, 23) for i in b] for b in sampler.all_batches(epoch=7)]
+    assert list(loader.batch_sampler) == expected
     dropping = BucketBatchSampler(None, bucket_ids, batch_size=4, drop_last=True, shuffle=False)
     assert len(list(dropping)) == len(dropping) == 5 and all(len(b) == 4 for b in dropping)
 
 
 def test_lightning_injected_distributed_sampler_shards_whole_batches():
     """What Lightning does under DDP: re-create the batch sampler with a DistributedSampler."""
-    dataset = list(range(25))
+    dataset = [i % 25 for i in range(25 * 6)]  # key -> index
     bucket_ids = [i % 3 for i in range(25)]
     with _replace_dunder_methods(BatchSampler):  # Lightning wraps the dataloader hooks so
         loader = DataLoader(
@@ -82,7 +86,7 @@ def test_lightning_injected_distributed_sampler_shards_whole_batches():
         )  # fmt: skip
     shards = []
     for rank in range(2):
-        dist = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        dist = DistributedSampler(bucket_ids, num_replicas=2, rank=rank, shuffle=True, seed=0)
         dist.set_epoch(5)  # Lightning sets the epoch on the sampler it injected
         injected = _update_dataloader(loader, dist)
         assert isinstance(injected.batch_sampler, BucketBatchSampler)
@@ -93,6 +97,18 @@ def test_lightning_injected_distributed_sampler_shards_whole_batches():
     assert sorted(map(tuple, shards[0] + shards[1])) == sorted(
         map(tuple, everything + everything[:1])
     )
+
+
+def test_resumed_epoch_continues_with_the_batches_an_uninterrupted_one_serves():
+    bucket_ids = [0] * 10
+    straight = BucketBatchSampler(None, bucket_ids, 3, seed=4)
+    straight.set_epoch(2)
+    resumed = BucketBatchSampler(None, bucket_ids, 3, seed=4)
+    resumed.set_epoch(2)
+    resumed.skip(2, 2)
+    assert len(resumed) == 4  # Lightning counts the epoch's full length
+    assert list(resumed) == list(straight)[2:]
+    assert list(resumed) == list(straight)  # the skip applies to the first iteration only
 
 
 SIZES = [(48, 48), (56, 40), (40, 56), (54, 36), (36, 54), (60, 30), (44, 44), (50, 34)]

@@ -13,6 +13,7 @@ from lightning_sd.data import (
     SidecarCaptions,
 )
 from lightning_sd.data.cache import latent_key, model_fingerprint
+from lightning_sd.data.keys import sample_generator, sample_key
 from lightning_sd.encoding import vae_posterior
 from lightning_sd.module import StableDiffusionLoRA
 
@@ -72,15 +73,16 @@ def test_cached_latents_and_embeddings_equal_fresh_ones(module, photos, tmp_path
         sample["cond"]["encoder_hidden_states"],
         module.encode_text([record.caption])["encoder_hidden_states"][0],
     )
-    # Training: a fresh draw from the posterior, mean + std * eps, per sample.
-    torch.manual_seed(3)
-    drawn = dm.train_set[0]
-    torch.manual_seed(3)
-    flipped = bool(torch.rand(()) < 0.5)
+    # Training: a fresh draw from the posterior, mean + std * eps, from the sample's generator.
+    key = sample_key(3, 0, len(dm.train_set))  # epoch 3, index 0
+    drawn = dm.train_set[key]
+    gen = sample_generator(dm.train_set.seed, key)
+    flipped = bool(torch.rand((), generator=gen) < 0.5)
     entry = cache.load("latents", dm.train_set.cached.latent_keys[0][flipped])
-    expected = entry["mean"] + entry["std"] * torch.randn_like(entry["std"])
+    expected = entry["mean"] + entry["std"] * torch.randn(entry["std"].shape, generator=gen)
     torch.testing.assert_close(drawn["latents"], expected)
     assert not torch.equal(drawn["latents"], entry["mean"])
+    torch.testing.assert_close(dm.train_set[key]["latents"], drawn["latents"])  # a function of key
 
 
 def test_std_is_the_posterior_std(module):

@@ -43,3 +43,18 @@ def test_true_half_precision_is_refused(tiny_pipeline_dir, instance_dir):
     data = DreamBoothDataModule(str(instance_dir), "p", resolution=32)
     with pytest.raises(ValueError, match="bf16-mixed"):
         Trainer(max_steps=1, precision="bf16-true", **QUIET).fit(module, data)
+
+
+def test_attention_runs_through_sdpa_and_channels_last_is_applied(tiny_pipeline_dir):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    module = StableDiffusionLoRA(str(tiny_pipeline_dir), channels_last=True)
+    module.configure_model()
+    processors = module.unet.attn_processors.values()
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)
+    convs = [m.weight for m in module.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    plain = StableDiffusionLoRA(str(tiny_pipeline_dir))
+    plain.configure_model()
+    conv = next(m.weight for m in plain.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not conv.is_contiguous(memory_format=torch.channels_last)

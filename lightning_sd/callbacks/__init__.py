@@ -2,6 +2,13 @@
 
 from lightning_sd.callbacks.evaluation import Evaluation
 from lightning_sd.callbacks.export import LoRAExport
+from lightning_sd.callbacks.fault_tolerance import FaultTolerance, NonFiniteLossError
 from lightning_sd.callbacks.validation_sampling import ValidationSampling
 
-__all__ = ["Evaluation", "LoRAExport", "ValidationSampling"]
+__all__ = [
+    "Evaluation",
+    "FaultTolerance",
+    "LoRAExport",
+    "NonFiniteLossError",
+    "ValidationSampling",
+]

@@ -12,12 +12,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_sd.data.buckets import BucketBatchSampler
 from lightning_sd.data.cache import LatentCache
 from lightning_sd.data.caching import CacheStats, fill_cache
 from lightning_sd.data.dataset import ImageCaptionDataset
+from lightning_sd.data.loader import ResumableDataLoader
 
 if TYPE_CHECKING:
     from lightning_sd.module import StableDiffusionLoRA
@@ -35,8 +38,13 @@ def default_cache_dir() -> Path:
 class ImageDataModule(LightningDataModule):
     """Base of the image DataModules; subclasses build ``train_set`` and ``val_set`` in setup.
 
-    Subclasses store ``batch_size``, ``num_workers``, ``cache_dir``, ``cache_latents`` and
-    ``cache_text_embeddings`` in ``hparams``.
+    Subclasses store ``batch_size``, ``num_workers``, ``seed``, ``cache_dir``, ``cache_latents``
+    and ``cache_text_embeddings`` in ``hparams``.
+
+    Training batches come from a :class:`BucketBatchSampler` (one bucket unless the data is
+    bucketed): its order is a function of (seed, epoch) and it yields sample keys, so the data
+    never draws from the global RNG. A run resumed mid-epoch skips the batches it already
+    trained on, and continues with the very batches an uninterrupted run would see.
     """
 
     def __init__(self) -> None:
@@ -87,21 +95,40 @@ class ImageDataModule(LightningDataModule):
             self.fill_cache(self.trainer.lightning_module)
 
     # -- loaders ----------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, shuffle: bool, **kwargs) -> DataLoader:
+    def _loader(self, dataset: Dataset, loader_class: type = DataLoader, **kwargs) -> DataLoader:
         h = self.hparams
         if "batch_sampler" not in kwargs:
-            kwargs.update(batch_size=h.batch_size, shuffle=shuffle, drop_last=False)
-        return DataLoader(
+            kwargs.update(batch_size=h.batch_size, shuffle=False, drop_last=False)
+        return loader_class(
             dataset,
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
+            # Its own generator: creating an iterator then draws nothing from the global RNG.
+            generator=torch.Generator().manual_seed(h.seed),
             **kwargs,
         )
 
+    def _progress(self) -> tuple[int, int]:
+        """(epoch, batches of it trained): what a checkpoint needs to resume mid-epoch."""
+        if self.trainer is None:
+            return (0, 0)
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return (self.trainer.current_epoch, done)
+
+    def _train_loader(self, **kwargs) -> DataLoader:
+        h = self.hparams
+        dataset = self.train_set
+        buckets = dataset.bucket_ids() if hasattr(dataset, "bucket_ids") else [0] * len(dataset)
+        sampler = BucketBatchSampler(None, buckets, h.batch_size, False, True, h.seed)
+        return self._loader(
+            dataset, batch_sampler=sampler, loader_class=ResumableDataLoader,
+            progress=self._progress, **kwargs
+        )  # fmt: skip
+
     def train_dataloader(self) -> DataLoader:
         self._fill_cache_from_trainer()
-        return self._loader(self.train_set, shuffle=True)
+        return self._train_loader()
 
     def val_dataloader(self) -> DataLoader:
         self._fill_cache_from_trainer()
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)

@@ -13,6 +13,11 @@ distributed (``use_distributed_sampler=True``, the default); this sampler reads 
 size and epoch from it and ignores its index order. With ``use_distributed_sampler=False`` it
 takes rank and world size from ``torch.distributed``.
 
+Batches hold sample keys (``epoch * len + index``, see ``keys.py``), so each sample's random
+draws are new every epoch yet fixed by (seed, epoch, index). :meth:`BucketBatchSampler.skip`
+makes the next iteration over an epoch skip the batches a resumed run has already trained on
+(``loader.ResumableDataLoader`` calls it when Lightning restores a mid-epoch checkpoint).
+
 The epoch seeds the shuffle. Lightning sets it every epoch (also after a resume) through
 ``batch_sampler.sampler.set_epoch``, so without a ``DistributedSampler`` the ``sampler`` is a
 small :class:`EpochTracker`; outside Lightning, call ``set_epoch`` yourself, as with PyTorch's
@@ -27,6 +32,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import BatchSampler, DistributedSampler, Sampler
+
+from lightning_sd.data.keys import sample_key
 
 __all__ = ["BucketBatchSampler", "EpochTracker", "make_buckets"]
 
@@ -90,6 +97,11 @@ class BucketBatchSampler(BatchSampler):
         self.drop_last = drop_last
         self.shuffle = shuffle
         self.seed = seed
+        self._resume: tuple[int, int] | None = None
+
+    def skip(self, epoch: int, batches: int) -> None:
+        """Make the next iteration over ``epoch`` skip this rank's first ``batches`` batches."""
+        self._resume = (epoch, batches)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (Lightning does this through ``self.sampler``)."""
@@ -129,7 +141,12 @@ class BucketBatchSampler(BatchSampler):
         if world > 1 and batches:
             pad = -len(batches) % world  # equal step counts on every rank
             batches = (batches + [batches[i % len(batches)] for i in range(pad)])[rank::world]
-        yield from batches
+        if self._resume is not None and self._resume[0] == epoch:
+            batches = batches[self._resume[1] :]
+        self._resume = None
+        length = len(self.bucket_ids)
+        for batch in batches:
+            yield [sample_key(epoch, index, length) for index in batch]
 
     def __len__(self) -> int:
         counts = defaultdict(int)

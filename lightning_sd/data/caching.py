@@ -55,7 +55,9 @@ def fill_cache(
     Args:
         datasets: (dataset, sample_latents) pairs: training sets draw from the posterior,
             held-out sets get its mean.
-        module: a configured ``StableDiffusionLoRA`` (its ``vae``, ``encode_text``).
+        module: a configured ``StableDiffusionLoRA`` (its ``vae``, ``text_embeddings``). For
+            SDXL the text entry holds the pooled ``text_embeds`` too; the time ids depend on
+            each sample's crop and are computed by the module every step.
         cache: the store.
         latents: cache VAE latents (needs deterministic crops).
         text: cache text embeddings (needs a frozen text encoder and fixed captions).
@@ -110,7 +112,8 @@ def check_cacheable(
             "cache_latents needs a fixed crop per image, but random crops are on: set "
             "center_crop: true or bucketing: true (random crops change the pixels every step)"
         )
-    if text and any(p.requires_grad for p in module.text_encoder.parameters()):
+    encoders = module.text_encoders().values()
+    if text and any(p.requires_grad for e in encoders for p in e.parameters()):
         raise ValueError(
             "cache_text_embeddings needs a frozen text encoder, but it trains (a LoRA or new "
             "token embeddings): its outputs change every step; set cache_text_embeddings: false"
@@ -125,21 +128,22 @@ def check_cacheable(
 # Module settings known not to change what ``encode_text`` returns; every other hparam (clip
 # skip, pivotal tokens, settings added later) is part of the text key, so none is served stale.
 _TRAINING_ONLY = {
-    "adapter", "objective", "learning_rate", "text_encoder_lr", "adam_weight_decay",
-    "lr_scheduler", "lr_warmup_steps", "heldout_seed",
+    "adapter", "objective", "learning_rate", "text_encoder_lr", "text_encoder_2_lr",
+    "adam_weight_decay", "lr_scheduler", "lr_warmup_steps", "heldout_seed", "vae_name_or_path",
 }  # fmt: skip
 
 
 def _text_identity(module) -> str:
-    tok = module.tokenizer
     hparams = dict(getattr(module, "hparams", {}))
     settings = {k: v for k, v in hparams.items() if k not in _TRAINING_ONLY}
-    return model_fingerprint(
-        module.text_encoder,
-        type(module).__qualname__,
-        json.dumps(settings, sort_keys=True, default=str),
-        f"{type(tok).__qualname__}:{len(tok)}:{tok.model_max_length}",
-    )
+    identity = [type(module).__qualname__, json.dumps(settings, sort_keys=True, default=str)]
+    tokenizers = [module.tokenizer, getattr(module, "tokenizer_2", None)]
+    for tok in filter(None, tokenizers):
+        identity.append(f"{type(tok).__qualname__}:{len(tok)}:{tok.model_max_length}")
+    encoder_2 = getattr(module, "text_encoder_2", None)
+    if encoder_2 is not None:  # SDXL: the second encoder's weights enter the key too
+        identity.append(model_fingerprint(encoder_2))
+    return model_fingerprint(module.text_encoder, *identity)
 
 
 def _latent_keys(dataset: ImageCaptionDataset, vae_id: str, jobs: dict) -> list:
@@ -176,7 +180,7 @@ def _encode_images(module, cache: LatentCache, jobs: list, batch_size: int) -> i
 def _encode_texts(module, cache: LatentCache, jobs: list[tuple[str, str]], batch_size: int) -> int:
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        cond = module.encode_text([prompt for prompt, _ in chunk])
+        cond = module.text_embeddings([prompt for prompt, _ in chunk])
         for i, (_, key) in enumerate(chunk):
             cache.save("text", key, {name: value[i] for name, value in cond.items()})
     return len(jobs)

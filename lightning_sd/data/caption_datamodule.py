@@ -8,7 +8,7 @@ import hashlib
 from torch.utils.data import DataLoader
 
 from lightning_sd.data.base import ImageDataModule
-from lightning_sd.data.buckets import BucketBatchSampler, make_buckets
+from lightning_sd.data.buckets import make_buckets
 from lightning_sd.data.captions import CaptionTransform
 from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.records import ImageRecord, scan_items
@@ -61,7 +61,8 @@ class CaptionDataModule(ImageDataModule):
         batch_size: images per batch (per device).
         num_workers: DataLoader worker processes.
         repeats: how many times each training image appears per epoch.
-        seed: seeds the bucket sampler's shuffling (with the epoch).
+        seed: seeds the shuffle and every sample's crop, flip and caption draws (with the
+            epoch and index), so a resumed run draws what an uninterrupted one would.
         skip_bad_images: skip unusable images (corrupt, too small, uncaptioned) with a warning
             that counts them, instead of stopping with an error naming the first.
         cache_dir: latent / text-embedding cache folder; default ``~/.cache/lightning_sd``.
@@ -128,21 +129,14 @@ class CaptionDataModule(ImageDataModule):
             self.source.items(), train.check_size, h.skip_bad_images, self.source.describe()
         )
         train_records, held_out = split_held_out(records, h.validation_split)
-        self.train_set = ImageCaptionDataset(train_records, train, self.captions, 1.0, h.repeats)
+        self.train_set = ImageCaptionDataset(
+            train_records, train, self.captions, 1.0, h.repeats, h.seed
+        )
         self.val_set = ImageCaptionDataset(held_out, self.transform(train=False))
 
     def cached_datasets(self) -> list[tuple[ImageCaptionDataset, bool]]:
         sets = [(self.train_set, True)]
         return sets + ([(self.val_set, False)] if len(self.val_set) else [])
-
-    def _loader(self, dataset: ImageCaptionDataset, shuffle: bool, **kwargs) -> DataLoader:
-        h = self.hparams
-        if not h.bucketing:
-            return super()._loader(dataset, shuffle, **kwargs)
-        sampler = BucketBatchSampler(
-            None, dataset.bucket_ids(), h.batch_size, False, shuffle, h.seed
-        )
-        return super()._loader(dataset, shuffle, batch_sampler=sampler, **kwargs)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None or len(self.val_set) == 0:

@@ -8,7 +8,7 @@ __all__ = ["CaptionTransform"]
 
 
 class CaptionTransform:
-    """Randomise a caption per sample, with torch's global RNG (seeded per worker by Lightning).
+    """Randomise a caption per sample, from the sample's generator (or torch's global RNG).
 
     Identifier tokens (``sks``, a pivotal-tuning ``TOK``) are left as written: the module
     substitutes them when it encodes the prompt.
@@ -36,12 +36,12 @@ class CaptionTransform:
         """Whether one caption can become many texts (then text embeddings cannot be cached)."""
         return self.shuffle_tags
 
-    def __call__(self, caption: str) -> str:
-        if self.dropout and float(torch.rand(())) < self.dropout:
+    def __call__(self, caption: str, generator: torch.Generator | None = None) -> str:
+        if self.dropout and float(torch.rand((), generator=generator)) < self.dropout:
             return ""
         if not self.shuffle_tags:
             return caption
         tags = [t.strip() for t in caption.split(",")]
         head, tail = tags[: self.keep_tokens], tags[self.keep_tokens :]
-        order = torch.randperm(len(tail)).tolist()
+        order = torch.randperm(len(tail), generator=generator).tolist()
         return ", ".join(head + [tail[i] for i in order])

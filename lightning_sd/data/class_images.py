@@ -79,11 +79,15 @@ def generate_class_images(
         return []
     from diffusers import StableDiffusionPipeline
 
+    from lightning_sd.components import pipeline_class
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(
-        pipeline, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-    ).to(device)
+    cls = pipeline_class(pipeline)  # SD1.x or SDXL (Playground v2.5 included)
+    extra = {}
+    if cls is StableDiffusionPipeline:
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(pipeline, torch_dtype=dtype, **extra).to(device)
     pipe.set_progress_bar_config(disable=True)
     written = []
     with tqdm(total=len(indices), desc=f"class images -> {folder}", unit="img") as bar:

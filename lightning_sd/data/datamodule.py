@@ -50,6 +50,8 @@ class DreamBoothDataModule(ImageDataModule):
         cache_latents: encode each image once with the VAE and train from the stored posterior
             (needs ``center_crop``; with ``random_flip`` the mirror is cached too).
         cache_text_embeddings: encode each prompt once (needs a frozen text encoder).
+        seed: seeds the shuffle and every sample's crop and flip (with epoch and index), so
+            a resumed run draws what an uninterrupted one would.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class DreamBoothDataModule(ImageDataModule):
         cache_dir: str | None = None,
         cache_latents: bool = False,
         cache_text_embeddings: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         if class_data_dir is not None and not class_prompt:
@@ -128,13 +131,13 @@ class DreamBoothDataModule(ImageDataModule):
         train = ImageTransform(h.resolution, h.center_crop, h.random_flip)
         skip = h.skip_bad_images
         self.instance_set = InstanceDataset(
-            h.instance_data_dir, h.instance_prompt, train, h.repeats, skip_bad_images=skip
+            h.instance_data_dir, h.instance_prompt, train, h.repeats, 1.0, skip, h.seed
         )
         self.train_set = self.instance_set
         self.class_set = None
         if self.prior_preservation:
             self.class_set = InstanceDataset(
-                h.class_data_dir, h.class_prompt, train, 1, h.prior_loss_weight, skip
+                h.class_data_dir, h.class_prompt, train, 1, h.prior_loss_weight, skip, h.seed + 1
             )
             # Only the first num_class_images: a folder may hold more than this run asked for.
             self.class_set.records = self.class_set.records[: h.num_class_images]
@@ -150,4 +153,4 @@ class DreamBoothDataModule(ImageDataModule):
         if not self.prior_preservation:
             return super().train_dataloader()
         self._fill_cache_from_trainer()
-        return self._loader(self.train_set, shuffle=True, collate_fn=collate_pairs)
+        return self._train_loader(collate_fn=collate_pairs)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from lightning_sd.data.cache import LatentCache
 from lightning_sd.data.captions import CaptionTransform
+from lightning_sd.data.keys import sample_generator, split_key
 from lightning_sd.data.records import ImageRecord
 from lightning_sd.data.transforms import ImageTransform, micro_conditioning
 
@@ -47,6 +48,10 @@ class ImageCaptionDataset(Dataset):
         captions: caption dropout and tag shuffling; None serves captions as they are.
         loss_weight: every sample's loss weight (``prior_loss_weight`` for class images).
         repeats: how many times each image appears per epoch.
+        seed: with the sample key, seeds each sample's crop, flip, caption and latent draws.
+
+    Items are addressed by sample key (``lightning_sd.data.keys``): the index, plus the epoch
+    that makes each epoch's draws new.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class ImageCaptionDataset(Dataset):
         captions: CaptionTransform | None = None,
         loss_weight: float = 1.0,
         repeats: int = 1,
+        seed: int = 0,
     ):
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -64,6 +70,7 @@ class ImageCaptionDataset(Dataset):
         self.captions = captions
         self.loss_weight = loss_weight
         self.repeats = repeats
+        self.seed = seed
         self.cached: CachedView | None = None
 
     def __len__(self) -> int:
@@ -80,12 +87,15 @@ class ImageCaptionDataset(Dataset):
         texts = {r.caption for r in self.records}
         return texts | {""} if self.captions is not None and self.captions.dropout else texts
 
-    def __getitem__(self, index: int) -> dict:
-        i = index % len(self.records)
+    def __getitem__(self, key: int) -> dict:
+        i = split_key(key, len(self))[1] % len(self.records)
         record = self.records[i]
-        plan = self.transform.plan(record.size)
-        flipped = self.transform.draw_flip()
-        prompt = self.captions(record.caption) if self.captions is not None else record.caption
+        gen = sample_generator(self.seed, key)
+        plan = self.transform.plan(record.size, gen)
+        flipped = self.transform.draw_flip(gen)
+        prompt = record.caption
+        if self.captions is not None:
+            prompt = self.captions(prompt, gen)
         sample = {
             "prompt": prompt,
             "loss_weight": torch.tensor(self.loss_weight, dtype=torch.float32),
@@ -94,7 +104,9 @@ class ImageCaptionDataset(Dataset):
         cached = self.cached
         if cached is not None and cached.latent_keys is not None:
             entry = cached.cache.load("latents", cached.latent_keys[i][flipped])
-            noise = torch.randn_like(entry["std"]) if cached.sample_latents else 0.0
+            noise = 0.0
+            if cached.sample_latents:
+                noise = torch.randn(entry["std"].shape, generator=gen).to(entry["std"])
             sample["latents"] = entry["mean"] + entry["std"] * noise
         else:
             sample["pixel_values"] = self.transform.apply(record.open(), plan, flipped)

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, default_collate
 
 from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.images import list_images
+from lightning_sd.data.keys import sample_key, split_key
 from lightning_sd.data.records import FileRef, SourceItem, scan_items
 from lightning_sd.data.transforms import ImageTransform
 
@@ -36,6 +37,7 @@ class InstanceDataset(ImageCaptionDataset):
         repeats: how many times each image appears per epoch.
         loss_weight: every sample's loss weight.
         skip_bad_images: skip unusable images with a warning instead of raising.
+        seed: seeds the per-sample crop and flip draws (with the sample key).
     """
 
     def __init__(
@@ -46,10 +48,11 @@ class InstanceDataset(ImageCaptionDataset):
         repeats: int = 1,
         loss_weight: float = 1.0,
         skip_bad_images: bool = False,
+        seed: int = 0,
     ):
         items = [SourceItem(str(p), FileRef(p), prompt) for p in list_images(folder)]
         records = scan_items(items, transform.check_size, skip_bad_images, str(folder))
-        super().__init__(records, transform, loss_weight=loss_weight, repeats=repeats)
+        super().__init__(records, transform, loss_weight=loss_weight, repeats=repeats, seed=seed)
         self.prompt = prompt
 
 
@@ -68,10 +71,11 @@ class PriorPreservationDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance), len(self.prior))
 
-    def __getitem__(self, index: int) -> tuple[dict, dict]:
+    def __getitem__(self, key: int) -> tuple[dict, dict]:
+        epoch, index = split_key(key, len(self))
         return (
-            self.instance[index % len(self.instance)],
-            self.prior[index % len(self.prior)],
+            self.instance[sample_key(epoch, index % len(self.instance), len(self.instance))],
+            self.prior[sample_key(epoch, index % len(self.prior), len(self.prior))],
         )
 
 

@@ -105,8 +105,9 @@ class ImageTransform:
                 f"(resolution {self.resolution})"
             )
 
-    def plan(self, size: Size) -> CropPlan:
-        """Resize and crop for an image of ``size``; random offsets use torch's global RNG."""
+    def plan(self, size: Size, generator: torch.Generator | None = None) -> CropPlan:
+        """Resize and crop for an image of ``size``; random offsets come from ``generator``
+        (torch's global RNG when None)."""
         th, tw = self.target_size(size)
         h, w = size
         scale = max(th / h, tw / w)
@@ -114,13 +115,13 @@ class ImageTransform:
         if self.deterministic:
             top, left = (rh - th) // 2, (rw - tw) // 2
         else:
-            top = int(torch.randint(0, rh - th + 1, ()))
-            left = int(torch.randint(0, rw - tw + 1, ()))
+            top = int(torch.randint(0, rh - th + 1, (), generator=generator))
+            left = int(torch.randint(0, rw - tw + 1, (), generator=generator))
         return CropPlan(size, (rh, rw), top, left, (th, tw))
 
-    def draw_flip(self) -> bool:
-        """Whether this sample is mirrored (torch's global RNG, seeded per worker by Lightning)."""
-        return self.random_flip and bool(torch.rand(()) < 0.5)
+    def draw_flip(self, generator: torch.Generator | None = None) -> bool:
+        """Whether this sample is mirrored (drawn from ``generator``, else the global RNG)."""
+        return self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
 
     def apply(self, image: Image.Image, plan: CropPlan, flipped: bool) -> torch.Tensor:
         """The planned crop of ``image`` as a float tensor in [-1, 1], shape (3, H, W)."""

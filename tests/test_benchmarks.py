@@ -1,0 +1,91 @@
+"""Smoke tests: each training benchmark runs one tiny cell end to end and writes its tables."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The scripts as modules; the logging levels they quiet are restored afterwards."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    levels = {name: logging.getLogger(name).level for name in names}
+    sys.path.insert(0, str(BENCHMARKS))
+    yield lambda name: importlib.import_module(name)
+    sys.path.remove(str(BENCHMARKS))
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.enable_progress_bar()
+    transformers.utils.logging.enable_progress_bar()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_finite(rows: list[dict], columns: list[str]) -> None:
+    for row in rows:
+        for column in columns:
+            assert math.isfinite(float(row[column])), (column, row)
+
+
+def test_lora_vs_dora_one_rank(bench, tmp_path):
+    out = tmp_path / "lora_vs_dora"
+    bench("lora_vs_dora").main(
+        ["--preset", "tiny", "--ranks", "4", "--kinds", "lora", "dora", "--steps", "2",
+         "--warmup", "0", "--images", "8", "--eval-prompts", "2", "--eval-seeds", "2",
+         "--eval-steps", "2", "--clip-model", "tiny", "--out", str(out)]
+    )  # fmt: skip
+    rows = read_csv(out.with_suffix(".csv"))
+    assert [(r["kind"], r["rank"]) for r in rows] == [("lora", "4"), ("dora", "4")]
+    numeric = ["trainable_params", "adapter_file_mb", "median_step_ms", "min_step_ms",
+               "cpu_step_ms", "peak_mem_mb", "mem_increase_mb", "train_loss_final",
+               "val_loss_before", "val_loss", "fid_efficientnet_lite0",
+               "kid_efficientnet_lite0", "clip_score"]  # fmt: skip
+    assert set(numeric) <= set(rows[0])
+    assert_finite(rows, numeric)
+    lora, dora = rows
+    assert float(dora["trainable_params"]) > float(lora["trainable_params"])  # + magnitudes
+    assert len(read_csv(tmp_path / "lora_vs_dora_runs.csv")) == 2
+    md = out.with_suffix(".md").read_text()
+    assert "What DoRA costs" in md and "| dora | 4 |" in md
+    assert (tmp_path / "lora_vs_dora_quality.png").stat().st_size > 0
+    assert (tmp_path / "lora_vs_dora_cost.png").stat().st_size > 0
+
+
+def test_throughput_one_cell_per_switch(bench, tmp_path):
+    out = tmp_path / "throughput"
+    bench("throughput").main(
+        ["--preset", "tiny", "--cache-presets", "tiny", "--ranks", "4", "--kinds", "lora",
+         "--resolutions", "--precisions", "--steps", "2", "--warmup", "0", "--repeats", "1",
+         "--images", "8", "--out", str(out)]
+    )  # fmt: skip
+    rows = read_csv(out.with_suffix(".csv"))
+    loops = {r["loop"] for r in rows}
+    assert loops == {"lightning", "reference", "lightning+ui", "encode"}
+    assert {r["group"] for r in rows} == {
+        "framework", "cache", "checkpointing", "precision", "rank", "resolution"
+    }  # fmt: skip
+    timed = [r for r in rows if r["loop"] != "encode"]
+    assert_finite(timed, ["median_step_ms", "min_step_ms", "cpu_step_ms", "peak_mem_mb"])
+    encode = [r for r in rows if r["loop"] == "encode"]
+    assert_finite(encode, ["vae_encode_ms", "text_encode_ms", "peak_mem_mb"])
+    cached = [r for r in rows if r["cache"] == "True"]
+    assert_finite(cached, ["cache_fill_s"])
+    md = out.with_suffix(".md").read_text()
+    for goal in ("Framework overhead", "Cache, tiny", "## All setups"):
+        assert goal in md
+    assert (tmp_path / "throughput_rank.png").stat().st_size > 0
