@@ -58,15 +58,17 @@ def _tool(function):
 
 
 def _tiny_pipeline(out_dir: str, preset: str = "tiny", seed: int = 0):
-    """Write a tiny SD1.x-architecture pipeline folder with random weights, offline.
+    """Write a tiny SD1.x- or SDXL-architecture pipeline folder with random weights, offline.
 
     For tests, demos and benchmarks: ``StableDiffusionPipeline.from_pretrained(out_dir)``
     loads it with no network.
 
     Args:
         out_dir: destination folder (must not exist or be empty).
-        preset: ``tiny`` (tests, 32 px), ``small`` (benchmarks, 64 px) or ``small-vae8``
-            (256 px with SD's 8x VAE downsampling).
+        preset: ``tiny`` (tests, 32 px), ``small`` (benchmarks, 64 px), ``small-vae8``
+            (256 px with SD's 8x VAE downsampling), ``tiny-sdxl`` (SDXL architecture: two text
+            encoders, micro-conditioning) or ``tiny-playground`` (SDXL with an EDM-native
+            scheduler, as Playground v2.5).
         seed: seeds every component's initialisation.
     """
     from lightning_sd.tiny import build_tiny_pipeline

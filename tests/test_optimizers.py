@@ -121,3 +121,33 @@ def test_schedules_follow_their_formulas():
             factor = lr_lambda(name, warmup, total, power=2.0)(step)
             assert factor == pytest.approx((step + 1) / warmup if step < warmup else value)
     assert lr_lambda("constant", 0, total, stop_step=4)(4) == 0.0  # pivotal tokens stop
+
+
+def test_accumulation_and_clipping_are_the_trainers(tiny_pipeline_dir, instance_dir):
+    """``accumulate_grad_batches`` and ``gradient_clip_val`` act on the module's optimizer."""
+    from lightning import Trainer
+
+    from lightning_sd import DreamBoothDataModule
+
+    class Probe(StableDiffusionLoRA):
+        norms: list[float] = []
+
+        def configure_gradient_clipping(self, optimizer, *args, **kwargs):
+            super().configure_gradient_clipping(optimizer, *args, **kwargs)
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads if g is not None]
+            ))))  # fmt: skip
+
+    module = Probe(str(tiny_pipeline_dir), learning_rate=1e-3)
+    data = DreamBoothDataModule(str(instance_dir), "a photo of sks cat", resolution=32)
+    trainer = Trainer(
+        max_steps=2, accumulate_grad_batches=3, gradient_clip_val=1e-3, accelerator="cpu",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    assert trainer.global_step == 2
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 6  # 3 per step
+    assert len(module.norms) == 2 and all(n <= 1e-3 * 1.0001 for n in module.norms)
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2

@@ -129,7 +129,8 @@ def check_cacheable(
 # skip, pivotal tokens, settings added later) is part of the text key, so none is served stale.
 _TRAINING_ONLY = {
     "adapter", "objective", "learning_rate", "text_encoder_lr", "text_encoder_2_lr",
-    "adam_weight_decay", "lr_scheduler", "lr_warmup_steps", "heldout_seed", "vae_name_or_path",
+    "optimizer", "lr_scheduler", "lr_warmup_steps", "lr_power", "heldout_seed",
+    "vae_name_or_path", "gradient_checkpointing", "channels_last",
 }  # fmt: skip
 
 
