@@ -468,6 +468,12 @@ class StableDiffusionLoRA(LightningModule):
         """
         checkpoint["rng_states"] = gather_rng_states(self.trainer.strategy)
 
+    def on_fit_start(self) -> None:
+        # seed_everything gives every rank the same seed, hence the same noise and timesteps;
+        # offset it by rank (deterministically: a resume restores each rank's own state).
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+
     def on_train_start(self) -> None:
         # After the sanity check, whose draws an uninterrupted run never made.
         if self._rng_states_to_restore is not None:

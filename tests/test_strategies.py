@@ -116,6 +116,7 @@ def test_ddp_two_cpu_processes_end_with_identical_adapters_and_export_once(
         "--data.num_class_images", "3",
         "--data.class_generation_steps", "2",
         "--export.dirpath", str(tmp_path / "lora"),
+        "--checkpoint.every_n_train_steps", "2",
         "--trainer.callbacks+=ddp_probe.RankReport",
         "--trainer.callbacks.folder", str(reports),
     ]  # fmt: skip
@@ -131,6 +132,9 @@ def test_ddp_two_cpu_processes_end_with_identical_adapters_and_export_once(
     assert len(list(class_dir.glob("*.png"))) == 3
     tensors, _ = read_safetensors(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     assert tensors
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    states = ckpt["rng_states"]  # gathered from both ranks, which draw different noise
+    assert ckpt["global_step"] == 4 and len(states) == 2 and not torch.equal(*states)
 
 
 @pytest.mark.gpu
