@@ -10,12 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from lightning import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning import Callback, LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_sd.callbacks.export import LoRAExport
 from lightning_sd.callbacks.fault_tolerance import FaultTolerance
+from lightning_sd.callbacks.last_checkpoint import LastCheckpoint
+from lightning_sd.callbacks.progress import StepProgressBar
 from lightning_sd.module import StableDiffusionLoRA
 
 __all__ = ["LightningSDCLI", "build_cli", "main"]
@@ -25,16 +27,27 @@ class LightningSDCLI(LightningCLI):
     """LightningCLI with three callbacks always attached, each configurable by its group.
 
     - ``export``: :class:`LoRAExport` (``--export.dirpath`` moves the LoRA files).
-    - ``checkpoint``: ``ModelCheckpoint`` keeping ``last.ckpt`` every 250 steps
-      (``--checkpoint.every_n_train_steps``) in ``<trainer.default_root_dir>/checkpoints``:
-      one folder for every run of a recipe, so ``--ckpt_path last`` finds the latest.
+    - ``checkpoint``: :class:`LastCheckpoint` (a ``ModelCheckpoint``) keeping ``last.ckpt``
+      every 250 steps (``--checkpoint.every_n_train_steps``) and when fit ends, in
+      ``<trainer.default_root_dir>/checkpoints``: one folder for every run of a recipe, so
+      ``--ckpt_path last`` finds the latest, and a finished run extends exactly.
+    - a :class:`StepProgressBar` unless another progress bar is configured or bars are off.
     - ``faults``: :class:`FaultTolerance`: atomic checkpoints, a checkpoint on SIGTERM, a stop
       with a message on a non-finite loss.
     """
 
+    def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> Trainer:
+        """Lightning's, with :class:`StepProgressBar` as the default progress bar."""
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in [*given, *callbacks]):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LoRAExport, "export")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 250})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", _checkpoint_dir)
         parser.add_lightning_class_args(FaultTolerance, "faults")
@@ -124,9 +137,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningSDCLI
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOLS:
-        return _tool(TOOLS[argv[0]]())(argv[1:])
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in TOOLS:
+        return _tool(TOOLS[args[0]]())(args[1:])
+    # From the shell LightningCLI reads sys.argv itself: passing it again as ``args`` makes it
+    # warn that both were given.
     build_cli(argv)
 
 
