@@ -145,3 +145,38 @@ def test_flow_parameterization_on_a_ddpm_schedule_warns():
 
     with pytest.warns(UserWarning, match="rectified-flow models"):
         DiffusionObjective(FlowMatching()).set_schedule(DDPMScheduler())
+
+
+def test_euler_over_the_flow_grid_matches_flow_match_euler_sampling(scheduler, schedule):
+    """The package's VE Euler sampler on a tiny SD3 transformer gives the latents diffusers'
+    FlowMatchEulerDiscreteScheduler loop gives (the two Euler steps are the same step; the
+    grid starts at s = 1, capped at 1 - 2^-24 here). Tolerance: 1e-5 absolute."""
+    from diffusers import SD3Transformer2DModel
+
+    from lightning_sd.sampling import Euler, sample
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+        caption_projection_dim=16, pooled_projection_dim=16,
+    ).eval()  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    text, pooled = torch.randn(2, 7, 16, generator=gen), torch.randn(2, 16, generator=gen)
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+
+    def model(x, t):
+        kwargs = dict(encoder_hidden_states=text, pooled_projections=pooled)
+        return net(hidden_states=x, timestep=t.expand(len(x)), **kwargs).sample
+
+    steps = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    steps.set_timesteps(8)
+    with torch.no_grad():
+        latents = noise.clone()
+        for t in steps.timesteps:
+            latents = steps.step(model(latents, t), t, latents).prev_sample
+        s = steps.sigmas.double().clamp(max=1 - 2.0**-24)
+        objective = DiffusionObjective(FlowMatching(), schedule=schedule)
+        ours = sample(objective, model, noise, {}, sigmas=(s / (1 - s)).float(), sampler=Euler())
+    assert latents.abs().max() > 0.1
+    assert torch.allclose(ours, latents, atol=1e-5, rtol=0), (ours - latents).abs().max()
