@@ -13,10 +13,12 @@ from pathlib import Path
 from lightning import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_sd.callbacks.export import LoRAExport
-from lightning_sd.callbacks.fault_tolerance import FaultTolerance
+from lightning_sd.callbacks.fault_tolerance import EXIT_SIGTERM, FaultTolerance
 from lightning_sd.module import StableDiffusionLoRA
+from lightning_sd.run_dir import check_fresh_run
 
 __all__ = ["LightningSDCLI", "build_cli", "main"]
 
@@ -35,9 +37,24 @@ class LightningSDCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LoRAExport, "export")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 250})
+        # One last.ckpt per recipe folder, updated in place by a resumed run (never last-v1),
+        # and no per-step copies beside it.
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 250,
+                "checkpoint.save_top_k": 0,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", _checkpoint_dir)
         parser.add_lightning_class_args(FaultTolerance, "faults")
+
+    def before_fit(self) -> None:
+        # Before SaveConfigCallback writes this run's config over the earlier run's.
+        config = self.config[self.subcommand]
+        root = config.trainer.default_root_dir
+        check_fresh_run(_checkpoint_dir(root), resuming=bool(config.get("ckpt_path")))
 
 
 def _checkpoint_dir(default_root_dir: str | None) -> str:
@@ -127,7 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:
         return _tool(TOOLS[argv[0]]())(argv[1:])
-    build_cli(argv)
+    try:
+        build_cli(argv)
+    except SIGTERMException:
+        # Lightning's SIGTERMException is a SystemExit with status 0: a scheduler would think
+        # the run finished. last.ckpt is saved (FaultTolerance); say it was pre-empted.
+        raise SystemExit(EXIT_SIGTERM) from None
 
 
 if __name__ == "__main__":

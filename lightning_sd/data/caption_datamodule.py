@@ -7,7 +7,7 @@ import hashlib
 
 from torch.utils.data import DataLoader
 
-from lightning_sd.data.base import ImageDataModule
+from lightning_sd.data.base import ImageDataModule, check_positive
 from lightning_sd.data.buckets import make_buckets
 from lightning_sd.data.captions import CaptionTransform
 from lightning_sd.data.dataset import ImageCaptionDataset
@@ -95,6 +95,7 @@ class CaptionDataModule(ImageDataModule):
         cache_text_embeddings: bool = False,
     ):
         super().__init__()
+        check_positive(resolution=resolution, batch_size=batch_size, repeats=repeats)
         # Checkpoints hold plain data: the source is stored in its YAML form.
         self.source = from_config(source) if isinstance(source, dict) else source
         if cache_latents and not (center_crop or bucketing):
