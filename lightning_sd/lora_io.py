@@ -8,6 +8,7 @@ fails with the names of the modules that do not match.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_sd.checkpoint_io import no_space_error
 from lightning_sd.kohya import KOHYA_PREFIXES, to_kohya
 
 __all__ = [
@@ -52,7 +54,12 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] 
     os.close(fd)
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except Exception as err:  # safetensors raises its own error type with the OS message
+            if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+                raise no_space_error(path, "file") from err
+            raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
