@@ -312,15 +312,22 @@ class StableDiffusionLoRA(LightningModule):
         if "latents" in batch:
             return batch["latents"].float()
         pixels = batch["pixel_values"]
-        factor = vae_scale_factor(self.vae)
-        if pixels.shape[-1] % factor or pixels.shape[-2] % factor:
-            height, width = pixels.shape[-2:]
-            raise ValueError(
-                f"training images of {width}x{height} px: each side must be a multiple of the "
-                f"VAE's downsampling factor {factor} (the latents would be cropped); set the "
-                f"data's resolution to e.g. {max(factor, width // factor * factor)}"
-            )
+        self.check_image_size(*pixels.shape[-2:])
         return self.encode_latents(pixels, sample=sample)
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Sides must be multiples of the VAE's and the UNet's downsampling (64 for SD).
+
+        Otherwise the VAE crops the latents and the UNet interpolates mismatched feature maps:
+        it trains, on the wrong thing, with no word.
+        """
+        factor = vae_scale_factor(self.vae) * 2 ** getattr(self.unet, "num_upsamplers", 0)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"training images of {width}x{height} px: each side must be a multiple of "
+                f"{factor} (the VAE's downsampling times the UNet's); set the data's resolution "
+                f"to e.g. {max(factor, round(width / factor) * factor)}"
+            )
 
     def batch_cond(self, batch: dict, latents: torch.Tensor | None = None) -> dict:
         """The UNet's conditioning for a batch: its cached text embeddings (``batch["cond"]``)
