@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig, add_adapter, trainable_parameters
@@ -34,13 +32,16 @@ from lightning_sd.optim import (
     optimizer_factory,
 )
 from lightning_sd.pivotal import ExtendedEmbedding, PivotalTuning, add_tokens
+from lightning_sd.resume import (
+    apply_configured_learning_rates,
+    check_learning_rates,
+    check_resumable,
+)
 from lightning_sd.rng import gather_rng_states, restore_rng_states
 from lightning_sd.sampling import Sampler
 from lightning_sd.serialization import from_config, to_config
 
 __all__ = ["StableDiffusionLoRA"]
-
-_ADAPTERS = ("adapter", "text_encoder_adapter", "text_encoder_2_adapter")
 
 
 class StableDiffusionLoRA(LightningModule):
@@ -113,7 +114,7 @@ class StableDiffusionLoRA(LightningModule):
         heldout_seed: int = 0,
     ):
         super().__init__()
-        _check_learning_rates(
+        check_learning_rates(
             learning_rate=learning_rate,
             text_encoder_lr=text_encoder_lr,
             text_encoder_2_lr=text_encoder_2_lr,
@@ -507,32 +508,7 @@ class StableDiffusionLoRA(LightningModule):
             restore_rng_states(self._rng_states_to_restore, self.trainer.global_rank)
             self._rng_states_to_restore = None
         if self.trainer.ckpt_path:
-            self._apply_configured_learning_rates()
-
-    def _apply_configured_learning_rates(self) -> None:
-        """A resume restores the checkpoint's learning rates; this run's configured ones win.
-
-        Lowering the rate after a divergence is the usual fix, so a changed rate is applied
-        (to the optimizer group and the schedule's base) and said, not silently dropped.
-        """
-        configured = {g["name"]: g["lr"] for g in self.param_groups()}
-        optimizers = self.trainer.optimizers
-        schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
-        if len(optimizers) != 1 or len(schedulers) != 1:
-            return
-        optimizer, scheduler = optimizers[0], schedulers[0]
-        for i, group in enumerate(optimizer.param_groups):
-            new = configured.get(group.get("name"))
-            old = group.get("initial_lr", group["lr"])
-            if new is None or new == old:
-                continue
-            group["initial_lr"] = scheduler.base_lrs[i] = new
-            lambdas = getattr(scheduler, "lr_lambdas", None)
-            group["lr"] = new * (lambdas[i](scheduler.last_epoch) if lambdas else 1.0)
-            rank_zero_info(
-                f"learning rate of {group['name']}: {old:g} in the checkpoint, {new:g} "
-                "configured for this run: using the configured one"
-            )
+            apply_configured_learning_rates(self)
 
     @classmethod
     def load_from_checkpoint(cls, *args, **kwargs):
@@ -544,18 +520,8 @@ class StableDiffusionLoRA(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Non-strict loading must still fail when an adapter weight is missing."""
         self.configure_model()
-        _check_adapters_match(checkpoint.get("hyper_parameters", {}), self.hparams)
-        state = checkpoint["state_dict"]
-        params = dict(self.named_parameters())
-        wrong = [k for k, v in state.items() if k in params and v.shape != params[k].shape]
-        if wrong:
-            k = wrong[0]
-            raise ValueError(
-                f"{len(wrong)} adapter tensors of the checkpoint have other shapes than this "
-                f"model's, e.g. {k}: {tuple(state[k].shape)} vs {tuple(params[k].shape)}: it was "
-                "trained with another adapter rank or targets; configure those of the checkpoint"
-            )
-        saved = state.keys()
+        check_resumable(checkpoint, self)
+        saved = checkpoint["state_dict"].keys()
         missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in saved]
         if missing:
             raise KeyError(
@@ -563,34 +529,3 @@ class StableDiffusionLoRA(LightningModule):
                 f"{missing[:3]}: it was made with another adapter configuration"
             )
         self._rng_states_to_restore = checkpoint.get("rng_states")
-
-
-def _check_learning_rates(**rates: float | None) -> None:
-    """Negative or non-finite rates train away from the data; 0 is allowed (a frozen part)."""
-    for name, rate in rates.items():
-        if rate is not None and not (math.isfinite(rate) and rate >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {rate}")
-
-
-def _check_adapters_match(saved: dict, configured) -> None:
-    """A resume needs the checkpoint's adapter kind, rank and alpha: say which one differs."""
-    for key in _ADAPTERS:
-        old, new = saved.get(key), configured.get(key)
-        if not old or not new:
-            continue
-        old, new = AdapterConfig(**old), AdapterConfig(**new)
-        diffs = [
-            f"{field} {a} in the checkpoint, {b} configured"
-            for field, a, b in (
-                ("kind", old.kind, new.kind),
-                ("rank", old.rank, new.rank),
-                ("alpha", old.lora_alpha, new.lora_alpha),
-            )
-            if a != b
-        ]
-        if diffs:
-            flag = f"--model.{key}." + ("alpha" if diffs[0].startswith("alpha") else "rank")
-            raise ValueError(
-                f"cannot resume: the checkpoint's {key} differs ({'; '.join(diffs)}). Configure "
-                f"the checkpoint's values (e.g. {flag}) or start a new run"
-            )

@@ -25,6 +25,7 @@ __all__ = [
     "FolderInUseError",
     "FolderLock",
     "check_fresh_run",
+    "held_by_this_process",
     "lock_folders",
     "remove_leftovers",
 ]
@@ -84,6 +85,12 @@ class FolderLock:
             del self._held[self.folder]
             fcntl.flock(entry[0], fcntl.LOCK_UN)
             os.close(entry[0])
+
+
+def held_by_this_process(folder: str | Path) -> bool:
+    """Whether this process locks ``folder`` or a folder above it."""
+    folder = Path(folder).resolve()
+    return any(folder == held or held in folder.parents for held in FolderLock._held)
 
 
 def remove_leftovers(folder: str | Path) -> list[Path]:

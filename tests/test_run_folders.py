@@ -110,33 +110,26 @@ def test_sigterm_exits_143_and_the_resume_updates_last_ckpt_and_clears_leftovers
     tiny_pipeline_dir, instance_dir, tmp_path
 ):
     """Before: exit status 0 after SIGTERM; the resume wrote last-v1.ckpt; .tmp files stayed."""
-    callback = ["--trainer.callbacks+=test_run_folders.TermAtStep2"]
+    quiet = ["--trainer.logger", "false"]  # log dir = root: the LoRA goes to root/lora
+    term = [*quiet, "--trainer.max_steps", "4", "--trainer.callbacks+=test_run_folders.TermAtStep2"]
     with pytest.raises(SystemExit) as stopped:
-        main(
-            fit_args(
-                tiny_pipeline_dir, instance_dir, tmp_path, "--trainer.max_steps", "4", *callback
-            )
-        )
+        main(fit_args(tiny_pipeline_dir, instance_dir, tmp_path, *term))
     assert stopped.value.code == EXIT_SIGTERM == 143
     folder = tmp_path / "checkpoints"
     last = folder / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 3
-    leftover = folder / ".last.ckpt.k1ll3d.tmp"  # what a SIGKILL mid-write leaves
-    leftover.write_bytes(b"half a checkpoint")
-    main(
-        fit_args(
-            tiny_pipeline_dir,
-            instance_dir,
-            tmp_path,
-            "--trainer.max_steps",
-            "5",
-            "--ckpt_path",
-            "last",
-        )
-    )
+    # What a SIGKILL mid-write leaves: a checkpoint's temporary file, an export's staging.
+    leftovers = [folder / ".last.ckpt.k1ll3d.tmp", tmp_path / "lora" / ".README.md.x.tmp"]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half a file")
+    (tmp_path / "lora" / ".staging-k1ll3d").mkdir()
+    resume = [*quiet, "--trainer.max_steps", "5", "--ckpt_path", "last"]
+    main(fit_args(tiny_pipeline_dir, instance_dir, tmp_path, *resume))
     assert torch.load(last, weights_only=True)["global_step"] == 5
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["last.ckpt"]
-    assert not leftover.exists()
+    assert not any(p.exists() for p in leftovers)
+    assert [p.name for p in (tmp_path / "lora").iterdir() if p.name.startswith(".")] == []
 
 
 def test_a_full_disk_says_so_naming_the_file_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):

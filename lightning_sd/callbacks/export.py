@@ -17,7 +17,7 @@ from lightning_sd.lora_io import (
     save_kohya_lora,
 )
 from lightning_sd.model_card import write_model_card
-from lightning_sd.run_dir import FolderLock, lock_folders
+from lightning_sd.run_dir import held_by_this_process, remove_leftovers
 
 __all__ = ["LoRAExport", "export_adapters"]
 
@@ -86,24 +86,16 @@ class LoRAExport(Callback):
         self.every_n_steps = every_n_steps
         self.written: dict[str, Path] = {}
         self._dir: Path | None = None
-        self._locks: list[FolderLock] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # On every rank: Trainer.log_dir broadcasts from rank 0, so rank 0 alone must not ask.
         self._dir = self.output_dir(trainer)
-        if stage == "fit":  # one run per folder; a killed run's temporary files are removed
-            self._locks = lock_folders(trainer, [self._dir])
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._release()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        for lock in self._locks:
-            lock.release()
-        self._locks = []
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A killed export's temporary files go when this run holds the folder (FaultTolerance
+        # locks the log dir in its setup); the folder gets no lock file: users share it.
+        if trainer.is_global_zero and held_by_this_process(self._dir):
+            remove_leftovers(self._dir)
 
     def output_dir(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora")
