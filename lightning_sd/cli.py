@@ -37,10 +37,12 @@ class LightningSDCLI(LightningCLI):
 
     - ``export``: :class:`LoRAExport` (``--export.dirpath`` moves the LoRA files).
     - ``checkpoint``: ``ModelCheckpoint`` keeping ``last.ckpt`` every 250 steps
-      (``--checkpoint.every_n_train_steps``) in ``<trainer.default_root_dir>/checkpoints``:
-      one folder for every run of a recipe, so ``--ckpt_path last`` finds the latest.
-    - ``faults``: :class:`FaultTolerance`: atomic checkpoints, a checkpoint on SIGTERM, a stop
-      with a message on a non-finite loss.
+      (``--checkpoint.every_n_train_steps``) in ``<trainer.default_root_dir>/checkpoints``,
+      the run's folder: ``--ckpt_path last`` continues it, updating ``last.ckpt`` in place; a
+      new run there is refused (it would overwrite the other run's checkpoint).
+    - ``faults``: :class:`FaultTolerance`: one run per folder, atomic checkpoints, a
+      checkpoint on SIGTERM (then exit status 143), a stop on a non-finite loss that names the
+      last finite checkpoint.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
