@@ -92,9 +92,13 @@ class FaultTolerance(Callback):
 
     # -- one run per folder -----------------------------------------------------------------
     def _lock_folders(self, trainer: Trainer) -> None:
-        # trainer.log_dir broadcasts from rank 0: every rank asks.
+        # trainer.log_dir broadcasts from rank 0: every rank asks. Without a logger or a
+        # default_root_dir the log dir is the working directory: no lock file is left there.
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        self._locks = lock_folders(trainer, [self.last_path(trainer).parent, log_dir])
+        folders = [self.last_path(trainer).parent]
+        if log_dir.resolve() != Path.cwd().resolve():
+            folders.append(log_dir)
+        self._locks = lock_folders(trainer, folders)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._resumed_step = trainer.global_step if trainer.ckpt_path else None
