@@ -10,7 +10,7 @@ LOCK := requirements/lock.txt
 LATEST := .venv-latest
 PIP_INSTALL := -m pip install --no-cache-dir --quiet
 
-.PHONY: install demo test test-latest lock lint format clean
+.PHONY: install demo test test-latest lock docs lint format clean
 
 $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ test-latest:
 	$(LATEST)/bin/pytest -q --timeout 900 || \
 		{ $(LATEST)/bin/python tools/lock_drift.py $(LOCK); exit 1; }
 
+# The guides in docs/ and the API pages built from the docstrings, offline, strict.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -54,4 +58,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf demo_out runs .pytest_cache
+	rm -rf demo_out runs site .pytest_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -116,21 +117,27 @@ def add_adapter(
             unused when the prompt embedding is taken before them (clip skip, SDXL's
             penultimate layer): adapters there get no gradient, which breaks DDP.
 
+    peft's own ``inject_adapter_in_model`` does the work: the libraries' ``add_adapter``
+    wrappers add nothing this package needs but version gates (transformers 5.24 refuses every
+    peft published to date). The model gets ``peft_config`` as those wrappers leave it, so
+    diffusers' and transformers' adapter methods still work on it.
+
     The adapter parameters are cast to float32 whatever the base dtype: peft gives them the
     base layer's dtype, and half-precision adapters underflow in Adam's updates. Lightning keeps
     each submodule's train/eval mode, so the adapter dropout is put in train mode here.
     """
+    from peft import inject_adapter_in_model
+
     family = "unet" if hasattr(model, "down_blocks") else "text_encoder"
     layers = None
     if family == "text_encoder" and skip_last_layers:
         layers = list(range(model.config.num_hidden_layers - skip_last_layers))
     peft_config = config.to_peft(family, layers)
     try:
-        model.add_adapter(peft_config, adapter_name=name)
+        inject_adapter_in_model(peft_config, model, adapter_name=name)
     except ValueError as err:
-        raise ValueError(
-            f"adapter targets {config.targets!r} match no module of {type(model).__name__}: {err}"
-        ) from err
+        raise _injection_error(model, config, err) from err
+    model._hf_peft_config_loaded = True  # what diffusers'/transformers' add_adapter set
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
@@ -138,6 +145,27 @@ def add_adapter(
     for module_name, module in model.named_modules():
         if module_name.endswith("lora_dropout"):
             module.train()
+
+
+def _injection_error(model: torch.nn.Module, config: AdapterConfig, err: ValueError) -> Exception:
+    """A no-match names the model's module names closest to the targets; anything else is
+    reported with the installed and tested versions, since that is what it has been."""
+    from lightning_sd.dependencies import versions_hint
+
+    kind = type(model).__name__
+    if "not found in the base model" not in str(err) and "target modules" not in str(err):
+        return RuntimeError(f"peft could not add the adapter to {kind}: {err}; {versions_hint()}")
+    names = {
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+    }
+    suffixes = {".".join(n.split(".")[-k:]) for n in names for k in (1, 2)}
+    wanted = config.targets if isinstance(config.targets, list) else [config.targets]
+    close = sorted({c for t in wanted for c in difflib.get_close_matches(t, suffixes, n=4)})
+    hint = f"; close module names: {close}" if close else ""
+    return ValueError(
+        f"adapter targets {config.targets!r} match no Linear/Conv2d module of {kind}{hint}. "
+        f"Presets: {sorted(TARGET_PRESETS['unet'])}"
+    )
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

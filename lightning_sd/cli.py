@@ -11,13 +11,15 @@ import sys
 from pathlib import Path
 
 from jsonargparse import DefaultHelpFormatter
-from lightning import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning import Callback, LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_sd.callbacks.export import LoRAExport
 from lightning_sd.callbacks.fault_tolerance import EXIT_SIGTERM, FaultTolerance
+from lightning_sd.callbacks.last_checkpoint import LastCheckpoint
+from lightning_sd.callbacks.progress import StepProgressBar
 from lightning_sd.cli_tools import ShortUsageParser, run_tool
 from lightning_sd.module import StableDiffusionLoRA
 from lightning_sd.run_dir import check_fresh_run
@@ -36,18 +38,29 @@ class LightningSDCLI(LightningCLI):
     """LightningCLI with three callbacks always attached, each configurable by its group.
 
     - ``export``: :class:`LoRAExport` (``--export.dirpath`` moves the LoRA files).
-    - ``checkpoint``: ``ModelCheckpoint`` keeping ``last.ckpt`` every 250 steps
-      (``--checkpoint.every_n_train_steps``) in ``<trainer.default_root_dir>/checkpoints``,
-      the run's folder: ``--ckpt_path last`` continues it, updating ``last.ckpt`` in place; a
-      new run there is refused (it would overwrite the other run's checkpoint).
+    - ``checkpoint``: :class:`LastCheckpoint` (a ``ModelCheckpoint``) keeping ``last.ckpt``
+      every 250 steps (``--checkpoint.every_n_train_steps``) and when fit ends, in
+      ``<trainer.default_root_dir>/checkpoints``, the run's folder: ``--ckpt_path last``
+      continues it (a finished run extends exactly), updating ``last.ckpt`` in place; a new run
+      there is refused (it would overwrite the other run's checkpoint).
+    - a :class:`StepProgressBar` unless another progress bar is configured or bars are off.
     - ``faults``: :class:`FaultTolerance`: one run per folder, atomic checkpoints, a
       checkpoint on SIGTERM (then exit status 143), a stop on a non-finite loss that names the
       last finite checkpoint.
     """
 
+    def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> Trainer:
+        """Lightning's, with :class:`StepProgressBar` as the default progress bar."""
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in [*given, *callbacks]):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LoRAExport, "export")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
         # One last.ckpt per recipe folder, updated in place by a resumed run (never last-v1),
         # and no per-step copies beside it.
         parser.set_defaults(

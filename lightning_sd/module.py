@@ -12,6 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig, add_adapter, trainable_parameters
 from lightning_sd.components import load_components
+from lightning_sd.continuation import reopen_last_epoch, schedule_changed_warning
 from lightning_sd.encoding import (
     add_time_ids,
     encode_prompts,
@@ -166,6 +167,8 @@ class StableDiffusionLoRA(LightningModule):
         # Checkpoints hold adapters only; on_load_checkpoint checks nothing trainable is missing.
         self.strict_loading = False
         self._rng_states_to_restore: list | None = None
+        self._saved_total_steps: int | None = None
+        self._planned_steps: int | None = None
 
     # -- model ------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -455,7 +458,8 @@ class StableDiffusionLoRA(LightningModule):
         h = self.hparams
         groups = self.param_groups()
         optimizer = build_optimizer(self.optimizer, groups, self._cpu_offload())
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        # The total that schedules are a function of, kept for the resume check.
+        total = self._planned_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         lambdas = []
         for group in groups:
             stop = None
@@ -495,6 +499,8 @@ class StableDiffusionLoRA(LightningModule):
         Lightning calls this on every rank, which the gather needs.
         """
         checkpoint["rng_states"] = gather_rng_states(self.trainer.strategy)
+        if self._planned_steps is not None:
+            checkpoint["total_optimizer_steps"] = self._planned_steps
 
     def on_fit_start(self) -> None:
         # seed_everything gives every rank the same seed, hence the same noise and timesteps;
@@ -503,6 +509,10 @@ class StableDiffusionLoRA(LightningModule):
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
     def on_train_start(self) -> None:
+        schedule_changed_warning(
+            self._saved_total_steps, self._planned_steps, self.hparams.lr_scheduler
+        )
+        self._saved_total_steps = None
         # After the sanity check, whose draws an uninterrupted run never made.
         if self._rng_states_to_restore is not None:
             restore_rng_states(self._rng_states_to_restore, self.trainer.global_rank)
@@ -529,3 +539,5 @@ class StableDiffusionLoRA(LightningModule):
                 f"{missing[:3]}: it was made with another adapter configuration"
             )
         self._rng_states_to_restore = checkpoint.get("rng_states")
+        reopen_last_epoch(checkpoint)  # "train N steps, then extend" resumes exactly
+        self._saved_total_steps = checkpoint.get("total_optimizer_steps")

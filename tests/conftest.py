@@ -4,6 +4,7 @@ built offline, shared by all."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,24 @@ def instance_dir(tmp_path_factory):
     from lightning_sd.demo import write_instance_photos
 
     return write_instance_photos(tmp_path_factory.mktemp("instance"), count=8, side=48)
+
+
+@pytest.fixture(scope="session")
+def tiny_fit_args(tiny_pipeline_dir, instance_dir):
+    """``lightning-sd fit`` arguments: configs/tiny.yaml on the session's pipeline and photos."""
+    config = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+
+    def args(root, max_steps: int, *extra: str) -> list[str]:
+        return [
+            "fit", "--config", str(config),
+            "--model.pretrained_model_name_or_path", str(tiny_pipeline_dir),
+            "--data.instance_data_dir", str(instance_dir),
+            "--trainer.default_root_dir", str(root),
+            "--trainer.max_steps", str(max_steps),
+            *extra,
+        ]  # fmt: skip
+
+    return args
 
 
 def pytest_collection_modifyitems(config, items):

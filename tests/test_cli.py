@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_sd.cli import build_cli, main
+from lightning_sd.lora_io import read_safetensors
 from lightning_sd.objectives import DiffusionObjective
 
 # Strategy configs ask for GPUs: tests/test_strategies.py builds them with CPU overrides.
@@ -50,3 +52,37 @@ def test_fit_exports_then_validate_from_checkpoint(
     first = build_cli(["validate", *common, "--ckpt_path", str(ckpt)]).trainer.callback_metrics
     again = build_cli(["validate", *common, "--ckpt_path", str(ckpt)]).trainer.callback_metrics
     assert float(first["val/loss"]) == float(again["val/loss"]) > 0
+
+
+@pytest.fixture(scope="module")
+def cli_args(tiny_fit_args):
+    def args(root: Path, max_steps: int) -> list[str]:
+        return tiny_fit_args(
+            root, max_steps,
+            "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false",
+            "--export.dirpath", str(root / f"lora_{max_steps}"),
+        )  # fmt: skip
+
+    return args
+
+
+@pytest.fixture(scope="module")
+def straight_six(cli_args, tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight_six")
+    main(cli_args(root, 6))
+    return read_safetensors(root / "lora_6" / "pytorch_lora_weights.safetensors")[0]
+
+
+@pytest.mark.parametrize("first", [3, 4], ids=["mid_epoch", "epoch_boundary"])
+def test_extending_a_finished_cli_run_matches_the_longer_run_exactly(
+    cli_args, straight_six, tmp_path, first
+):
+    """``fit --trainer.max_steps 3`` (or 4), then ``--trainer.max_steps 6 --ckpt_path last``
+    (two batches an epoch) writes the very LoRA a straight 6-step run writes."""
+    main(cli_args(tmp_path, first))
+    main([*cli_args(tmp_path, 6), "--ckpt_path", "last"])
+    extended = read_safetensors(tmp_path / "lora_6" / "pytorch_lora_weights.safetensors")[0]
+    assert extended.keys() == straight_six.keys()
+    for key, tensor in straight_six.items():
+        assert torch.equal(tensor, extended[key]), key

@@ -22,8 +22,6 @@ from lightning_sd.checkpoint_io import AtomicCheckpointIO
 from lightning_sd.convert import convert_checkpoint
 from lightning_sd.lora_io import read_safetensors
 
-ROOT = Path(__file__).parents[1]
-
 
 class AtStep(Callback):
     """Run ``action(trainer, module)`` when a training batch of ``step`` starts."""
@@ -132,43 +130,72 @@ def test_convert_checkpoint_writes_the_lora_the_export_writes(
     assert all(torch.equal(exported[k], converted[k]) for k in exported)
 
 
-@pytest.mark.slow
-def test_sigkill_mid_run_then_resume_from_last_finishes_with_no_truncated_file(
-    tiny_pipeline_dir, instance_dir, tmp_path
-):
-    """A real process killed with SIGKILL while it checkpoints and exports every step."""
-    args = [
-        sys.executable, "-m", "lightning_sd.cli", "fit",
-        "--config", str(ROOT / "configs" / "tiny.yaml"),
-        "--model.pretrained_model_name_or_path", str(tiny_pipeline_dir),
-        "--data.instance_data_dir", str(instance_dir),
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger", "false",
-        "--trainer.max_steps", "12",
-        "--trainer.val_check_interval", "null",
-        "--trainer.limit_val_batches", "0",
-        "--trainer.enable_progress_bar", "false",
-        "--checkpoint.every_n_train_steps", "1",
-        "--export.dirpath", str(tmp_path / "lora"),
-        "--export.every_n_steps", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if last.exists() and torch.load(last, weights_only=True)["global_step"] >= 4:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    time.sleep(0.7)  # land somewhere in the middle of the next writes
+def kill_when(proc: subprocess.Popen, ready, limit_s: float = 600) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` sees the state it waits for in the files.
+
+    The poll interval only paces the checks; what is killed, and when, is decided by the state
+    observed. The limit only turns a hang into a failure.
+    """
+    deadline = time.monotonic() + limit_s
+    while not ready():
+        assert proc.poll() is None, "the run ended before the state to kill it in was reached"
+        assert time.monotonic() < deadline, "the state to kill the run in never came"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    killed_at = torch.load(last, weights_only=True)["global_step"]
-    assert 4 <= killed_at < 12
-    done = subprocess.run([*args, "--ckpt_path", "last"], env=env, capture_output=True, timeout=600)
+
+
+def global_step(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["global_step"]
+    except FileNotFoundError:
+        return -1
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_from_last_finishes_with_no_truncated_file(
+    tiny_fit_args, tmp_path
+):
+    """A real process killed with SIGKILL while it checkpoints and exports every step.
+
+    The run is planned for far more steps than it can take, so it cannot finish first; it is
+    killed once ``last.ckpt`` holds step 4 or later while a write is under way (a hidden
+    temporary file exists), or at the latest once it holds step 6. The resumed run then
+    continues two steps past the kill, and every file on disk must load.
+    """
+
+    def args(max_steps: int) -> list[str]:
+        return [
+            sys.executable, "-m", "lightning_sd.cli",
+            *tiny_fit_args(tmp_path, max_steps),
+            "--trainer.logger", "false",
+            "--trainer.val_check_interval", "null",
+            "--trainer.limit_val_batches", "0",
+            "--trainer.enable_progress_bar", "false",
+            "--checkpoint.every_n_train_steps", "1",
+            "--export.dirpath", str(tmp_path / "lora"),
+            "--export.every_n_steps", "1",
+        ]  # fmt: skip
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    last = tmp_path / "checkpoints" / "last.ckpt"
+
+    def mid_write() -> bool:
+        step = global_step(last)
+        writing = any(p.name.startswith(".") for p in tmp_path.rglob("*.tmp"))
+        return step >= 6 or (step >= 4 and writing)
+
+    proc = subprocess.Popen(
+        args(100_000), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    kill_when(proc, mid_write)
+    killed_at = global_step(last)
+    assert 4 <= killed_at
+    done = subprocess.run(
+        [*args(killed_at + 2), "--ckpt_path", "last"], env=env, capture_output=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    assert torch.load(last, weights_only=True)["global_step"] == 12
+    assert global_step(last) == killed_at + 2
     files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith(".")]
     for path in files:
         if path.suffix == ".ckpt":

@@ -19,9 +19,12 @@ from lightning_sd.objectives import (
     DiscreteUniform,
     EDMWeighting,
     Epsilon,
+    FlowMatching,
+    FlowTimesteps,
     LogNormal,
     MinSNR,
     Sample,
+    SD3Weighting,
     VPrediction,
 )
 
@@ -339,6 +342,7 @@ EXPECTED = {
     "eps_min_snr": (Epsilon, DiscreteUniform, MinSNR),
     "v_min_snr": (VPrediction, DiscreteUniform, MinSNR),
     "edm_min_snr": (EDM, LogNormal, MinSNR),
+    "flow_sd3": (FlowMatching, FlowTimesteps, SD3Weighting),
 }
 
 

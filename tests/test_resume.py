@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
-from lightning_sd.callbacks import FaultTolerance
+from lightning_sd.callbacks import FaultTolerance, LastCheckpoint
 
 N = 3
 
@@ -32,13 +31,21 @@ class LossRecorder(Callback):
             trainer.should_stop = True
 
 
-def fit(pipeline, instance_dir, ckpt_dir, stop_at=None, ckpt_path=None):
+def fit(
+    pipeline,
+    instance_dir,
+    ckpt_dir,
+    stop_at=None,
+    ckpt_path=None,
+    max_steps=2 * N,
+    lr_scheduler="cosine",
+):
     seed_everything(0)
     module = StableDiffusionLoRA(
         str(pipeline),
         adapter=AdapterConfig(rank=2, alpha=2, dropout=0.1),
         learning_rate=1e-3,
-        lr_scheduler="cosine",
+        lr_scheduler=lr_scheduler,
         lr_warmup_steps=2,
     )
     data = DreamBoothDataModule(
@@ -46,7 +53,7 @@ def fit(pipeline, instance_dir, ckpt_dir, stop_at=None, ckpt_path=None):
     )
     recorder = LossRecorder(stop_at)
     trainer = Trainer(
-        max_steps=2 * N,
+        max_steps=max_steps,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -54,7 +61,7 @@ def fit(pipeline, instance_dir, ckpt_dir, stop_at=None, ckpt_path=None):
         enable_model_summary=False,
         num_sanity_val_steps=1,
         callbacks=[
-            ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=N, save_last=True),
+            LastCheckpoint(dirpath=ckpt_dir, every_n_train_steps=N, save_last=True),
             FaultTolerance(),
             recorder,
         ],
@@ -100,3 +107,42 @@ def test_checkpoint_holds_adapters_optimizer_schedule_loops_and_rng(straight, tm
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
         {"epoch": 2, "batches": 2}
     ]
+
+
+@pytest.fixture(scope="module")
+def straight_constant(tiny_pipeline_dir, instance_dir, tmp_path_factory):
+    ckpt_dir = tmp_path_factory.mktemp("straight_constant")
+    return fit(tiny_pipeline_dir, instance_dir, ckpt_dir, lr_scheduler="constant")
+
+
+@pytest.mark.parametrize("first", [2, 4, 5], ids=["epoch_boundary", "after_a_save", "mid_epoch"])
+def test_extending_a_finished_run_matches_the_longer_run_exactly(
+    straight_constant, tiny_pipeline_dir, instance_dir, tmp_path, first
+):
+    """Train ``first`` steps to the end of ``fit``, then extend to 2N from its last.ckpt.
+
+    Two batches an epoch, a checkpoint every N = 3 steps. The end-of-fit checkpoint is written
+    in ``on_train_end``: before the fix the extension trained its second step on the wrong
+    batch (Lightning carried the finished epoch's batch counters into the next epoch), and
+    after a step-3 save plain ``ModelCheckpoint`` left last.ckpt at step 3.
+    """
+    losses, adapters, _ = straight_constant
+    run = dict(lr_scheduler="constant")
+    head, _, trainer = fit(tiny_pipeline_dir, instance_dir, tmp_path, max_steps=first, **run)
+    ckpt = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=True)
+    assert ckpt["global_step"] == first
+    tail, extended, trainer = fit(
+        tiny_pipeline_dir, instance_dir, tmp_path, ckpt_path="last", **run
+    )
+    assert trainer.global_step == 2 * N and sorted(tail) == list(range(first + 1, 2 * N + 1))
+    assert {**head, **tail} == losses  # every step's loss, bit for bit
+    for name, tensor in adapters.items():
+        assert torch.equal(tensor, extended[name]), name
+
+
+def test_extending_a_cosine_schedule_warns_that_it_cannot_be_exact(
+    tiny_pipeline_dir, instance_dir, tmp_path
+):
+    fit(tiny_pipeline_dir, instance_dir, tmp_path, max_steps=2)
+    with pytest.warns(UserWarning, match="planned for 2 optimizer steps with 6: the 'cosine'"):
+        fit(tiny_pipeline_dir, instance_dir, tmp_path, ckpt_path="last", max_steps=6)

@@ -119,8 +119,11 @@ class ImageDataModule(LightningDataModule):
         """(epoch, batches of it trained): what a checkpoint needs to resume mid-epoch."""
         if self.trainer is None:
             return (0, 0)
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return (self.trainer.current_epoch, done)
+        loop = self.trainer.fit_loop
+        # The epoch these batches belong to: ``current_epoch`` has already moved on when fit
+        # ends at max_steps, since Lightning closes the epoch it stopped in.
+        epoch = max(loop.epoch_progress.current.started - 1, 0)
+        return (epoch, loop.epoch_loop.batch_progress.current.processed)
 
     def _train_loader(self, **kwargs) -> DataLoader:
         h = self.hparams

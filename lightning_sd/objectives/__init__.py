@@ -5,6 +5,7 @@ a :class:`SigmaSampler` (which noise levels it trains on), a :class:`Weighting` 
 level counts) and the checkpoint's :class:`DiscreteSchedule`.
 """
 
+from lightning_sd.objectives.flow import FlowMatching, FlowSchedule, FlowTimesteps, SD3Weighting
 from lightning_sd.objectives.objective import DiffusionObjective, Model
 from lightning_sd.objectives.parameterization import (
     EDM,
@@ -24,6 +25,10 @@ from lightning_sd.objectives.sigma_sampling import (
 from lightning_sd.objectives.weighting import Canonical, EDMWeighting, MinSNR, Weighting
 
 __all__ = [
+    "FlowMatching",
+    "FlowSchedule",
+    "FlowTimesteps",
+    "SD3Weighting",
     "EDM",
     "Canonical",
     "DiffusionObjective",

@@ -101,6 +101,17 @@ class DiffusionObjective(nn.Module):
             self.schedule = scheduler
         else:
             self.schedule = DiscreteSchedule.from_scheduler(scheduler, self.zero_terminal_snr)
+        from lightning_sd.objectives.flow import FlowMatching, FlowSchedule
+
+        if isinstance(self.schedule, FlowSchedule) != isinstance(
+            self.parameterization, FlowMatching
+        ):
+            warnings.warn(
+                f"{self.parameterization} on a {type(self.schedule).__name__}: rectified-flow "
+                "models (SD3) predict the velocity, so use FlowMatching() with a "
+                "FlowMatchEulerDiscreteScheduler and not otherwise",
+                stacklevel=2,
+            )
         if isinstance(self.schedule, EDMSchedule) and not isinstance(self.parameterization, EDM):
             warnings.warn(
                 "EDM-native base model (its scheduler preconditions the UNet the EDM way) trained "

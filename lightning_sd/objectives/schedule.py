@@ -82,8 +82,15 @@ class DiscreteSchedule(nn.Module):
                 config sets ``rescale_betas_zero_snr`` is honoured without this flag.
 
         Returns:
-            A :class:`DiscreteSchedule`, or an :class:`EDMSchedule` for EDM-native schedulers.
+            A :class:`DiscreteSchedule`, an :class:`EDMSchedule` for EDM-native schedulers, or a
+            :class:`~lightning_sd.objectives.flow.FlowSchedule` for rectified-flow ones (SD3).
         """
+        if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+            if zero_terminal_snr:
+                raise ValueError("zero_terminal_snr applies to DDPM beta schedules, not flows")
+            from lightning_sd.objectives.flow import FlowSchedule
+
+            return FlowSchedule.from_flow_scheduler(scheduler)
         fresh = type(scheduler).from_config(scheduler.config)
         if isinstance(fresh, _EDM_SCHEDULERS):
             if zero_terminal_snr:
