@@ -61,6 +61,11 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(
+                f"adapter alpha must be > 0 (the update is alpha / rank * B A; 0 trains an "
+                f"adapter that changes nothing), got {self.alpha}; leave it unset for alpha = rank"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
 

@@ -1,4 +1,4 @@
-"""``lightning-sd``: LightningCLI for fit/validate/test/predict, plus a few tools.
+"""``lightning-sd``: LightningCLI for fit/validate, plus tools (generate, merge, ...).
 
 The YAML configs are the constructors' signatures serialized; the CLI adds nothing the
 Python API lacks.
@@ -10,17 +10,28 @@ import os
 import sys
 from pathlib import Path
 
+from jsonargparse import DefaultHelpFormatter
 from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_sd.callbacks.export import LoRAExport
-from lightning_sd.callbacks.fault_tolerance import FaultTolerance
+from lightning_sd.callbacks.fault_tolerance import EXIT_SIGTERM, FaultTolerance
 from lightning_sd.callbacks.last_checkpoint import LastCheckpoint
 from lightning_sd.callbacks.progress import StepProgressBar
+from lightning_sd.cli_tools import ShortUsageParser, run_tool
 from lightning_sd.module import StableDiffusionLoRA
+from lightning_sd.run_dir import check_fresh_run
 
 __all__ = ["LightningSDCLI", "build_cli", "main"]
+
+
+class _RawEpilogFormatter(DefaultHelpFormatter):
+    """Keeps the epilog's one-command-a-line layout (argparse would reflow it)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 class LightningSDCLI(LightningCLI):
@@ -29,11 +40,13 @@ class LightningSDCLI(LightningCLI):
     - ``export``: :class:`LoRAExport` (``--export.dirpath`` moves the LoRA files).
     - ``checkpoint``: :class:`LastCheckpoint` (a ``ModelCheckpoint``) keeping ``last.ckpt``
       every 250 steps (``--checkpoint.every_n_train_steps``) and when fit ends, in
-      ``<trainer.default_root_dir>/checkpoints``: one folder for every run of a recipe, so
-      ``--ckpt_path last`` finds the latest, and a finished run extends exactly.
+      ``<trainer.default_root_dir>/checkpoints``, the run's folder: ``--ckpt_path last``
+      continues it (a finished run extends exactly), updating ``last.ckpt`` in place; a new run
+      there is refused (it would overwrite the other run's checkpoint).
     - a :class:`StepProgressBar` unless another progress bar is configured or bars are off.
-    - ``faults``: :class:`FaultTolerance`: atomic checkpoints, a checkpoint on SIGTERM, a stop
-      with a message on a non-finite loss.
+    - ``faults``: :class:`FaultTolerance`: one run per folder, atomic checkpoints, a
+      checkpoint on SIGTERM (then exit status 143), a stop on a non-finite loss that names the
+      last finite checkpoint.
     """
 
     def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> Trainer:
@@ -48,26 +61,46 @@ class LightningSDCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LoRAExport, "export")
         parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 250})
+        # One last.ckpt per recipe folder, updated in place by a resumed run (never last-v1),
+        # and no per-step copies beside it.
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 250,
+                "checkpoint.save_top_k": 0,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", _checkpoint_dir)
         parser.add_lightning_class_args(FaultTolerance, "faults")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate``: the module has no ``test_step``/``predict_step`` (use
+        ``validate`` for held-out loss and ``generate`` for images)."""
+        subcommands = LightningCLI.subcommands()
+        return {k: subcommands[k] for k in ("fit", "validate")}
+
+    def instantiate_classes(self) -> None:
+        """A value refused by a constructor is one line, not a jsonargparse traceback."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            root = err
+            while root.__cause__ is not None:
+                root = root.__cause__
+            sys.stderr.write(f"lightning-sd {self.subcommand}: error: {root}\n")
+            raise SystemExit(2) from None
+
+    def before_fit(self) -> None:
+        # Before SaveConfigCallback writes this run's config over the earlier run's.
+        config = self.config[self.subcommand]
+        root = config.trainer.default_root_dir
+        check_fresh_run(_checkpoint_dir(root), resuming=bool(config.get("ckpt_path")))
 
 
 def _checkpoint_dir(default_root_dir: str | None) -> str:
     return str(Path(default_root_dir or os.getcwd()) / "checkpoints")
-
-
-def _tool(function):
-    """A typed function as a sub-command: its signature is the schema, its docstring the help."""
-
-    def run(argv: list[str]) -> None:
-        from jsonargparse import CLI
-
-        result = CLI(function, args=argv)
-        for line in result if isinstance(result, list) else [result]:
-            print(line)
-
-    return run
 
 
 def _tiny_pipeline(out_dir: str, preset: str = "tiny", seed: int = 0):
@@ -123,12 +156,34 @@ TOOLS = {
 }
 
 
+TOOLS_HELP = {
+    "generate": "sample images from a base model with LoRA files",
+    "merge": "combine several LoRA files into one",
+    "convert-checkpoint": "write the LoRA files of a training checkpoint",
+    "tiny-pipeline": "write a tiny random pipeline (tests, demos), offline",
+    "tiny-metrics": "write tiny metric backbones (tests), offline",
+}
+
+
+def _epilog() -> str:
+    lines = [f"  {name:<20}{text}" for name, text in TOOLS_HELP.items()]
+    return "other commands (lightning-sd COMMAND --help):\n" + "\n".join(lines)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningSDCLI:
     """The CLI over ``StableDiffusionLoRA`` and any DataModule (given by ``class_path``)."""
     return LightningSDCLI(
         StableDiffusionLoRA,
         LightningDataModule,
         subclass_mode_data=True,
+        parser_class=ShortUsageParser,
+        parser_kwargs={
+            "prog": "lightning-sd",
+            "epilog": _epilog(),
+            "formatter_class": _RawEpilogFormatter,
+            "fit": {},
+            "validate": {},
+        },
         # A resumed run writes its config where the interrupted one did.
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -139,10 +194,13 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningSDCLI
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in TOOLS:
-        return _tool(TOOLS[args[0]]())(args[1:])
-    # From the shell LightningCLI reads sys.argv itself: passing it again as ``args`` makes it
-    # warn that both were given.
-    build_cli(argv)
+        return run_tool(args[0], TOOLS[args[0]](), args[1:])
+    try:
+        build_cli(argv)  # None: LightningCLI reads sys.argv itself, without a warning
+    except SIGTERMException:
+        # Lightning's SIGTERMException is a SystemExit with status 0: a scheduler would think
+        # the run finished. last.ckpt is saved (FaultTolerance); say it was pre-empted.
+        raise SystemExit(EXIT_SIGTERM) from None
 
 
 if __name__ == "__main__":

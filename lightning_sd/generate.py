@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +16,7 @@ from lightning_sd.embeddings import EMBEDDINGS_NAME
 from lightning_sd.encoding import encode_prompts, encode_prompts_sdxl
 from lightning_sd.generation import generate_images
 from lightning_sd.grid import image_grid, save_image_atomic
+from lightning_sd.lora_check import check_architecture, read_lora_file, warn_if_no_scale
 from lightning_sd.lora_io import (
     LORA_WEIGHT_NAME,
     METADATA_KEY,
@@ -29,6 +32,27 @@ __all__ = ["generate"]
 
 SAMPLERS = {"euler": Euler, "heun": Heun, "dpmpp_2m": DPMPP2M}
 _BY_PREDICTION = {"epsilon": Epsilon, "v_prediction": VPrediction, "sample": Sample}
+
+
+class _DropMissingKeysNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+@contextmanager
+def _quiet_missing_text_encoder_keys():
+    """diffusers warns for every UNet-only LoRA that it has no text-encoder keys: expected."""
+    loggers = [
+        logging.getLogger(n) for n in ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
+    ]
+    note = _DropMissingKeysNote()
+    for logger in loggers:
+        logger.addFilter(note)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(note)
 
 
 def _weight_file(path: Path) -> Path:
@@ -141,7 +165,11 @@ def generate(
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     names = [f"lora_{i}" for i in range(len(loras))]
     for name, path in zip(names, loras, strict=True):
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        file, tensors, header = read_lora_file(path)  # refuses pickles, missing files, NaN
+        check_architecture(tensors, header, file, pretrained_model_name_or_path, sdxl)
+        warn_if_no_scale(tensors, header, file)
+        with _quiet_missing_text_encoder_keys():
+            pipe.load_lora_weights(str(file), adapter_name=name)
     if loras:
         pipe.set_adapters(names, scales)
         if fuse:

@@ -8,6 +8,7 @@ fails with the names of the modules that do not match.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_sd.checkpoint_io import no_space_error
 from lightning_sd.kohya import KOHYA_PREFIXES, to_kohya
 
 __all__ = [
@@ -52,7 +54,12 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] 
     os.close(fd)
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except Exception as err:  # safetensors raises its own error type with the OS message
+            if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+                raise no_space_error(path, "file") from err
+            raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -282,14 +289,21 @@ def load_lora_into(
     """
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / LORA_WEIGHT_NAME
-    tensors, header = read_safetensors(path)
+    from lightning_sd.lora_check import check_architecture, has_scale, read_lora_file
+
+    path, tensors, header = read_lora_file(path)
+    sdxl = components.get("text_encoder_2") is not None
+    check_architecture(tensors, header, path, "this model's base", sdxl)
     parts = adapted(components)
     weights, kohya_alphas = split_lora_tensors(tensors, parts)
     file_meta = json.loads(header.get("lora_adapter_metadata", "{}"))
+    scale_known = has_scale(tensors, header)
     for component in weights:
+        if component not in components:
+            raise LoRAFileError(
+                f"{path} adapts {component}, which this model's base does not have: it is a "
+                "LoRA for another base architecture"
+            )
         if component not in parts:
             raise LoRAFileError(
                 f"{path} has {component} adapters but this model has no {component} adapter: "
@@ -328,6 +342,12 @@ def load_lora_into(
         alphas = set(kohya_alphas.get(component, {}).values()) | (
             {float(file_alpha)} if file_alpha is not None else set()
         )
+        if not scale_known and float(config.lora_alpha) != config.r:
+            raise LoRAFileError(
+                f"{path} has no rank/alpha metadata, so loaders take alpha = rank = {config.r}, "
+                f"but this run configures {component} alpha {config.lora_alpha}: set the "
+                "adapter's alpha to the one the file was trained with (unset means = rank)"
+            )
         if alphas and alphas != {float(config.lora_alpha)}:
             raise LoRAFileError(
                 f"{path}: {component} alpha {sorted(alphas)} differs from the configured "

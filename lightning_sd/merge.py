@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from lightning_sd.lora_check import check_architecture, read_lora_file, warn_if_no_scale
 from lightning_sd.lora_io import (
     KOHYA_WEIGHT_NAME,
-    LORA_WEIGHT_NAME,
     LoRAFileError,
     kohya_prefixes,
     load_lora_into,
-    read_safetensors,
     save_diffusers_lora,
     save_kohya_lora,
     split_lora_tensors,
@@ -63,6 +62,12 @@ def _base_models(base: str, components: list[str]) -> dict[str, nn.Module]:
         "text_encoder_2": CLIPTextModelWithProjection,
     }
     return {c: classes[c].from_pretrained(base, subfolder=c).eval() for c in components}
+
+
+def _is_sdxl(base: str) -> bool:
+    from lightning_sd.components import pipeline_class
+
+    return "XL" in pipeline_class(base).__name__
 
 
 def _configs(path: Path, tensors: dict, header: dict, models: dict) -> dict[str, LoraConfig]:
@@ -205,8 +210,13 @@ def merge_loras(
     """
     if not loras or len(weights) != len(loras):
         raise ValueError(f"need one weight per file, got {len(weights)} for {len(loras)} files")
-    paths = [Path(p) / LORA_WEIGHT_NAME if Path(p).is_dir() else Path(p) for p in loras]
-    files = [read_safetensors(p) for p in paths]
+    read = [read_lora_file(p) for p in loras]  # refuses pickles, missing files, NaN
+    paths = [path for path, _, _ in read]
+    files = [(tensors, header) for _, tensors, header in read]
+    sdxl = _is_sdxl(base)
+    for path, (tensors, header) in zip(paths, files, strict=True):
+        check_architecture(tensors, header, path, base, sdxl)
+        warn_if_no_scale(tensors, header, path)
     components = [sorted(split_lora_tensors(tensors, {})[0]) for tensors, _ in files]
     for path, found in zip(paths[1:], components[1:], strict=True):
         if found != components[0]:

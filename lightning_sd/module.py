@@ -33,6 +33,11 @@ from lightning_sd.optim import (
     optimizer_factory,
 )
 from lightning_sd.pivotal import ExtendedEmbedding, PivotalTuning, add_tokens
+from lightning_sd.resume import (
+    apply_configured_learning_rates,
+    check_learning_rates,
+    check_resumable,
+)
 from lightning_sd.rng import gather_rng_states, restore_rng_states
 from lightning_sd.sampling import Sampler
 from lightning_sd.serialization import from_config, to_config
@@ -110,6 +115,13 @@ class StableDiffusionLoRA(LightningModule):
         heldout_seed: int = 0,
     ):
         super().__init__()
+        check_learning_rates(
+            learning_rate=learning_rate,
+            text_encoder_lr=text_encoder_lr,
+            text_encoder_2_lr=text_encoder_2_lr,
+        )
+        if lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
         # Checkpoints restore from plain hparams (torch.load(weights_only=True) refuses classes),
         # so the adapter and objective are stored in their YAML form and rebuilt from it.
         if isinstance(adapter, dict):
@@ -303,7 +315,23 @@ class StableDiffusionLoRA(LightningModule):
         """Cached latents when the data serves them, else the VAE encoding of the pixels."""
         if "latents" in batch:
             return batch["latents"].float()
-        return self.encode_latents(batch["pixel_values"], sample=sample)
+        pixels = batch["pixel_values"]
+        self.check_image_size(*pixels.shape[-2:])
+        return self.encode_latents(pixels, sample=sample)
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Sides must be multiples of the VAE's and the UNet's downsampling (64 for SD).
+
+        Otherwise the VAE crops the latents and the UNet interpolates mismatched feature maps:
+        it trains, on the wrong thing, with no word.
+        """
+        factor = vae_scale_factor(self.vae) * 2 ** getattr(self.unet, "num_upsamplers", 0)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"training images of {width}x{height} px: each side must be a multiple of "
+                f"{factor} (the VAE's downsampling times the UNet's); set the data's resolution "
+                f"to e.g. {max(factor, round(width / factor) * factor)}"
+            )
 
     def batch_cond(self, batch: dict, latents: torch.Tensor | None = None) -> dict:
         """The UNet's conditioning for a batch: its cached text embeddings (``batch["cond"]``)
@@ -489,6 +517,8 @@ class StableDiffusionLoRA(LightningModule):
         if self._rng_states_to_restore is not None:
             restore_rng_states(self._rng_states_to_restore, self.trainer.global_rank)
             self._rng_states_to_restore = None
+        if self.trainer.ckpt_path:
+            apply_configured_learning_rates(self)
 
     @classmethod
     def load_from_checkpoint(cls, *args, **kwargs):
@@ -500,6 +530,7 @@ class StableDiffusionLoRA(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Non-strict loading must still fail when an adapter weight is missing."""
         self.configure_model()
+        check_resumable(checkpoint, self)
         saved = checkpoint["state_dict"].keys()
         missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in saved]
         if missing:

@@ -17,6 +17,7 @@ from lightning_sd.lora_io import (
     save_kohya_lora,
 )
 from lightning_sd.model_card import write_model_card
+from lightning_sd.run_dir import held_by_this_process, remove_leftovers
 
 __all__ = ["LoRAExport", "export_adapters"]
 
@@ -89,6 +90,12 @@ class LoRAExport(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # On every rank: Trainer.log_dir broadcasts from rank 0, so rank 0 alone must not ask.
         self._dir = self.output_dir(trainer)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A killed export's temporary files go when this run holds the folder (FaultTolerance
+        # locks the log dir in its setup); the folder gets no lock file: users share it.
+        if trainer.is_global_zero and held_by_this_process(self._dir):
+            remove_leftovers(self._dir)
 
     def output_dir(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora")

@@ -35,6 +35,13 @@ def default_cache_dir() -> Path:
     return Path(root) / "lightning_sd"
 
 
+def check_positive(**values: int) -> None:
+    """Sizes and counts must be >= 1: say which one, here, not deep in a DataLoader traceback."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"data {name} must be >= 1, got {value}")
+
+
 class ImageDataModule(LightningDataModule):
     """Base of the image DataModules; subclasses build ``train_set`` and ``val_set`` in setup.
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lightning_sd.data.images import BadImageError
 from lightning_sd.data.transforms import CropPlan
 
 __all__ = ["LatentCache", "latent_key", "model_fingerprint", "text_key"]
@@ -44,10 +45,17 @@ class LatentCache:
         return self.root / kind / key[:2] / f"{key}.safetensors"
 
     def has(self, kind: str, key: str) -> bool:
-        return self.path(kind, key).is_file()
+        """Whether a whole entry exists; a truncated or damaged one is missing (recomputed)."""
+        return _intact(self.path(kind, key))
 
     def load(self, kind: str, key: str) -> dict[str, torch.Tensor]:
-        return load_file(self.path(kind, key))
+        path = self.path(kind, key)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors' own error type; OSError for a missing file
+            raise BadImageError(
+                f"{path}: damaged cache entry ({err}); delete it and it is recomputed"
+            ) from err
 
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> Path:
         """Write through a temporary file and a rename: a reader never sees half an entry."""
@@ -99,3 +107,18 @@ def latent_key(digest: str, plan: CropPlan, flipped: bool, settings: str, vae: s
 def text_key(prompt: str, text_encoder: str) -> str:
     """The key of one prompt's embeddings under one text encoder (and tokenizer)."""
     return _sha("text", prompt, text_encoder)
+
+
+def _intact(path: Path) -> bool:
+    """A safetensors file whose header parses and whose size covers every tensor it lists.
+
+    Reads only the header, so checking a whole cache at start-up stays cheap.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return path.stat().st_size == 8 + size + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False

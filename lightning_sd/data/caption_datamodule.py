@@ -3,11 +3,9 @@ bucketing, a deterministic held-out split and the latent / text cache."""
 
 from __future__ import annotations
 
-import hashlib
-
 from torch.utils.data import DataLoader
 
-from lightning_sd.data.base import ImageDataModule
+from lightning_sd.data.base import ImageDataModule, check_positive
 from lightning_sd.data.buckets import make_buckets
 from lightning_sd.data.captions import CaptionTransform
 from lightning_sd.data.dataset import ImageCaptionDataset
@@ -22,10 +20,11 @@ __all__ = ["CaptionDataModule", "split_held_out"]
 def split_held_out(
     records: list[ImageRecord], fraction: float
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """(train, held out): the ``fraction`` of records whose names hash lowest.
+    """(train, held out): the ``fraction`` of records whose content hashes lowest.
 
-    Hashing names rather than drawing from an RNG keeps the split the same across runs,
-    machines and worker counts, and mostly the same when images are added.
+    Hashing content rather than drawing from an RNG keeps the split the same across runs,
+    machines and worker counts, and mostly the same when images are added; rather than names,
+    which hold the folder's absolute path, so moving or renaming the dataset keeps it too.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation_split must be in [0, 1), got {fraction}")
@@ -34,7 +33,7 @@ def split_held_out(
     count = min(max(1, round(fraction * len(records))), len(records) - 1)
     if count < 1:
         raise ValueError(f"validation_split needs at least 2 images, the source has {len(records)}")
-    order = sorted(records, key=lambda r: hashlib.sha256(r.name.encode()).hexdigest())
+    order = sorted(records, key=lambda r: (r.digest, r.caption))
     held = {id(r) for r in order[:count]}
     return [r for r in records if id(r) not in held], order[:count]
 
@@ -56,7 +55,7 @@ class CaptionDataModule(ImageDataModule):
         caption_dropout: probability of training a sample with an empty caption.
         shuffle_tags: shuffle comma-separated tags of each caption every time it is drawn.
         keep_tokens: with ``shuffle_tags``, this many leading tags stay in place.
-        validation_split: fraction of images held out for validation (chosen by name hash,
+        validation_split: fraction of images held out for validation (chosen by content hash,
             so the same on every run); 0 validates on nothing.
         batch_size: images per batch (per device).
         num_workers: DataLoader worker processes.
@@ -95,6 +94,7 @@ class CaptionDataModule(ImageDataModule):
         cache_text_embeddings: bool = False,
     ):
         super().__init__()
+        check_positive(resolution=resolution, batch_size=batch_size, repeats=repeats)
         # Checkpoints hold plain data: the source is stored in its YAML form.
         self.source = from_config(source) if isinstance(source, dict) else source
         if cache_latents and not (center_crop or bucketing):

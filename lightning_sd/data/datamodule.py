@@ -6,7 +6,7 @@ from __future__ import annotations
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_sd.data.base import ImageDataModule
+from lightning_sd.data.base import ImageDataModule, check_positive
 from lightning_sd.data.class_images import count_images, generate_class_images
 from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.dreambooth import InstanceDataset, PriorPreservationDataset, collate_pairs
@@ -79,6 +79,7 @@ class DreamBoothDataModule(ImageDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        check_positive(resolution=resolution, batch_size=batch_size, repeats=repeats)
         if class_data_dir is not None and not class_prompt:
             raise ValueError("class_data_dir is set but class_prompt is not: name the class")
         if cache_latents and not center_crop:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -35,16 +36,39 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(
+    visible = [
         p
         for p in candidates
-        if p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if not any(part.startswith(".") for part in p.relative_to(folder).parts)
         and p.suffix.lower() not in SIDECAR_SUFFIXES
-    )
+    ]
+    files = sorted(p for p in visible if p.is_file())
+    _report_left_out(folder, visible, recursive, len(files))
     if not files:
         raise FileNotFoundError(f"image folder {folder} holds no images")
     return files
+
+
+def _report_left_out(folder: Path, visible: list[Path], recursive: bool, used: int) -> None:
+    """One line counting what a listing leaves out, so nothing is dropped in silence."""
+    broken = [p for p in visible if p.is_symlink() and not p.exists()]
+    nested = 0
+    if not recursive:
+        for sub in (p for p in visible if p.is_dir()):
+            nested += sum(
+                1
+                for q in sub.rglob("*")
+                if q.is_file()
+                and q.suffix.lower() not in SIDECAR_SUFFIXES
+                and not any(part.startswith(".") for part in q.relative_to(folder).parts)
+            )
+    parts = []
+    if nested:
+        parts.append(f"{nested} files in subfolders (not searched)")
+    if broken:
+        parts.append(f"{len(broken)} broken symlinks (e.g. {broken[0].name})")
+    if parts:
+        warnings.warn(f"{folder}: {used} images used; left out: {', '.join(parts)}", stacklevel=3)
 
 
 def open_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

@@ -68,12 +68,15 @@ class SourceItem:
         ref: where its bytes are.
         caption: its caption; None when the source has none for it.
         caption_origin: where the caption should have come from, for the missing-caption error.
+        problem: why the sample is unusable though its image may be fine (an unreadable
+            caption file); raised, or skipped and counted, like a bad image.
     """
 
     name: str
     ref: ImageRef
     caption: str | None
     caption_origin: str = ""
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,10 +140,19 @@ def scan_items(
         )
     if not records:
         raise BadImageError(f"{where}: no usable images ({len(problems)} skipped)")
+    empty = [r.name for r in records if not r.caption.strip()]
+    if empty:
+        warnings.warn(
+            f"{len(empty)} of {len(records)} images in {where} have an empty caption and train "
+            f"unconditioned, e.g. {empty[0]}",
+            stacklevel=2,
+        )
     return records
 
 
 def _scan_one(item: SourceItem, check_size: SizeCheck) -> ImageRecord:
+    if item.problem:
+        raise BadImageError(item.problem)
     data = item.ref.read()
     image = decode_image(data, item.name)
     if item.caption is None:

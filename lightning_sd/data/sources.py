@@ -47,8 +47,13 @@ class SidecarCaptions(CaptionSource):
         items = []
         for path in list_images(self.folder):
             sidecar = path.with_suffix(self.extension)
-            caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
-            items.append(SourceItem(str(path), FileRef(path), caption, f"in {sidecar}"))
+            caption, problem = None, None
+            if sidecar.is_file():
+                try:
+                    caption = sidecar.read_text(encoding="utf-8").strip()
+                except (OSError, UnicodeDecodeError) as err:  # skippable, like a bad image
+                    problem = f"{sidecar}: caption cannot be read ({err})"
+            items.append(SourceItem(str(path), FileRef(path), caption, f"in {sidecar}", problem))
         return items
 
 
