@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_images", "psnr", "train_vae", "tiny_vae"]
+__all__ = ["finetune_decoder", "load_images", "psnr", "train_vae", "tiny_vae"]
 
 
 def load_images(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
@@ -132,6 +132,53 @@ def train_vae(
         with torch.no_grad():
             recon = vae.decode(vae.encode(held).latent_dist.mode()).sample.clamp(-1, 1)
         print(f"held-out PSNR {psnr(held, recon):.2f} dB over {len(held)} images")
+    return vae
+
+
+def finetune_decoder(
+    vae_dir: str | Path,
+    train_dir: str | Path,
+    out_dir: str | Path,
+    steps: int = 300,
+    batch_size: int = 16,
+    learning_rate: float = 5e-4,
+    seed: int = 1,
+):
+    """Train the decoder further with the encoder frozen, as SD's ft-MSE VAE was made.
+
+    The latents do not change, so this can run while (or after) the UNet trains on them.
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    images, _ = load_images(train_dir)
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.requires_grad_(False)
+    params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    log = [("step", "rec")]
+    for step in range(steps):
+        x = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        log.append((step, loss.item()))
+        if step % 20 == 0:
+            print(f"decoder step {step} loss {loss.item():.4f}", flush=True)
+    vae.eval().save_pretrained(out_dir, safe_serialization=True)
+    with open(Path(out_dir) / "decoder_loss.csv", "w", newline="") as f:
+        csv.writer(f).writerows(log)
     return vae
 
 
