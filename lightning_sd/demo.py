@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     n = 4
     instance = load_images(subject_dir("instance"), resolution)[:n]
     rows = [instance, before["subject"][:n], after["subject"][:n]]
-    rows += [before["unrelated"][::8][:n], after["unrelated"][::8][:n]]
+    k = len(probe.seeds)  # seed 0 of each unrelated prompt
+    rows += [before["unrelated"][::k][:n], after["unrelated"][::k][:n]]
     grid = image_grid(
         torch.cat(rows),
         ncols=n,

@@ -52,7 +52,7 @@ class SubjectProbe:
         guidance_scale: classifier-free guidance weight.
     """
 
-    seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    seeds: list[int] = field(default_factory=lambda: list(range(4)))
     steps: int = 20
     guidance_scale: float = 4.0
 
