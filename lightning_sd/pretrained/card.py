@@ -113,7 +113,7 @@ pipe = StableDiffusionPipeline.from_pretrained("lightning_sd/assets/tiny-pretrai
 #   model: {{pretrained_model_name_or_path: tiny-pretrained}}
 ```
 
-It is a toy: 32 px, ~9 M parameters, about an hour of two CPU cores. Prompts are Unicode emoji
+It is a toy: 32 px, ~10 M parameters, under an hour of two (shared) CPU cores. Prompts are Unicode emoji
 names ("hot dog", "crescent moon"); it draws the gist (colour, layout) of the emoji it saw.
 
 ## Data
@@ -126,7 +126,8 @@ subject family (every emoji whose name contains "cat"), never seen: the DreamBoo
 
 ## Training
 1. VAE (4x downsampling, 4 latent channels, no mid-block attention): {vae_steps} steps, batch
-   16 random 16 px crops, AdamW 1e-3 cosine to 5 %, L1 + MSE + 1e-6 KL; reconstruction loss
+   16 random 16 px crops, AdamW 1e-3 cosine to 5 %, L1 + MSE + 1e-6 KL, a near-deterministic
+   posterior (log-variance output initialised to -20); reconstruction loss
    {vae_first:.3f} -> {vae_last:.3f}. `scaling_factor` = 1 / std of the training latents.
 2. UNet (64/128/128 channels, cross-attention at 8x8 and 4x4 and in the middle block) and text
    encoder (width 64, 3 layers) trained in full with `StableDiffusionLoRA` (adapter kind
