@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out", help="output folder")
     parser.add_argument("--preset", default=PRETRAINED, choices=[PRETRAINED, *sorted(PRESETS)])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args(argv)
     start = time.time()
