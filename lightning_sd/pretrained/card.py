@@ -26,6 +26,21 @@ def _read(path: Path, key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
+def merged_metrics(work: Path) -> Path:
+    """One metrics.csv over every run version (a resumed run logs to a new version; its steps
+    replace the interrupted run's from the checkpoint on)."""
+    by_step: dict[int, str] = {}
+    for path in sorted(work.glob("lightning_logs/version_*/metrics.csv")):
+        steps, values = _read(path, "train/loss")
+        if steps:
+            by_step = {k: v for k, v in by_step.items() if k < steps[0]}
+            by_step.update({k: str(v) for k, v in zip(steps, values, strict=True)})
+    out = work / "metrics_merged.csv"
+    lines = ["step,train/loss"] + [f"{k},{v}" for k, v in sorted(by_step.items())]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 def plot_losses(vae_csv: Path, unet_csv: Path, out: Path) -> None:
     """Both training losses, VAE (left) and UNet + text encoder (right), to one PNG."""
     import matplotlib
@@ -67,7 +82,7 @@ def sample_grid(pipeline_dir: Path, out: Path) -> None:
 def write_card(pipeline_dir: str | Path, work: str | Path) -> Path:
     """README.md, loss_curves.png and samples.png in the pipeline folder."""
     pipeline_dir, work = Path(pipeline_dir), Path(work)
-    unet_csv = sorted(work.glob("lightning_logs/version_*/metrics.csv"))[-1]
+    unet_csv = merged_metrics(work)
     plot_losses(work / "vae" / "loss.csv", unet_csv, pipeline_dir / "loss_curves.png")
     with torch.no_grad():
         sample_grid(pipeline_dir, pipeline_dir / "samples.png")
