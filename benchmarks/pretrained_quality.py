@@ -109,7 +109,8 @@ def main() -> None:
     text = [
         "# Tiny pretrained base: quality",
         "",
-        f"`python benchmarks/pretrained_quality.py --data {args.data}` "
+        f"`python benchmarks/pretrained_quality.py --data {args.data} --random-model "
+        f"{args.random_model} --captions {args.captions}` "
         f"({args.captions} training captions, one sample each, {args.steps} DPM++ steps, "
         f"guidance {args.guidance}; retrieval and FD on EfficientNet-Lite0 features).",
         "",
