@@ -8,7 +8,14 @@ from typing import Literal
 
 import torch
 
-__all__ = ["TARGET_PRESETS", "AdapterConfig", "add_adapter", "trainable_parameters"]
+__all__ = [
+    "TARGET_PRESETS",
+    "AdapterConfig",
+    "add_adapter",
+    "prepare_trainable",
+    "train_fully",
+    "trainable_parameters",
+]
 
 _UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 _UNET_FF = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
@@ -40,7 +47,10 @@ class AdapterConfig:
     """One adapter: what kind, how big, where.
 
     Attributes:
-        kind: ``lora`` (Hu et al. 2021) or ``dora``, weight-decomposed LoRA (Liu et al. 2024).
+        kind: ``lora`` (Hu et al. 2021) or ``dora``, weight-decomposed LoRA (Liu et al. 2024);
+            or ``full``: no adapter, every weight of the part trains (full fine-tuning, the
+            baseline LoRA is compared with, and how a base model is pretrained); the other
+            fields are then unused.
         rank: the adapter rank r.
         alpha: the scale numerator: the update is (alpha / r) B A. Independent of rank; ``None``
             means alpha = rank (scale 1), which is what the diffusers scripts always use.
@@ -51,7 +61,7 @@ class AdapterConfig:
             module-name suffixes, or one regular expression over full module names.
     """
 
-    kind: Literal["lora", "dora"] = "lora"
+    kind: Literal["lora", "dora", "full"] = "lora"
     rank: int = 4
     alpha: float | None = None
     dropout: float = 0.0
@@ -166,6 +176,23 @@ def _injection_error(model: torch.nn.Module, config: AdapterConfig, err: ValueEr
         f"adapter targets {config.targets!r} match no Linear/Conv2d module of {kind}{hint}. "
         f"Presets: {sorted(TARGET_PRESETS['unet'])}"
     )
+
+
+def train_fully(model: torch.nn.Module) -> None:
+    """Full fine-tuning: every weight of the part trains, in float32 and in train mode."""
+    model.requires_grad_(True)
+    model.float()
+    model.train()
+
+
+def prepare_trainable(
+    model: torch.nn.Module, config: AdapterConfig, skip_last_layers: int = 0
+) -> None:
+    """Make a part trainable as ``config`` says: unfreeze it (``full``) or inject the adapter."""
+    if config.kind == "full":
+        train_fully(model)
+    else:
+        add_adapter(model, config, skip_last_layers=skip_last_layers)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -113,8 +113,9 @@ def _tiny_pipeline(out_dir: str, preset: str = "tiny", seed: int = 0):
         out_dir: destination folder (must not exist or be empty).
         preset: ``tiny`` (tests, 32 px), ``small`` (benchmarks, 64 px), ``small-vae8``
             (256 px with SD's 8x VAE downsampling), ``tiny-sdxl`` (SDXL architecture: two text
-            encoders, micro-conditioning) or ``tiny-playground`` (SDXL with an EDM-native
-            scheduler, as Playground v2.5).
+            encoders, micro-conditioning), ``tiny-playground`` (SDXL with an EDM-native
+            scheduler, as Playground v2.5), or ``tiny-pretrained``: a copy of the shipped base
+            pretrained on emoji (32 px; not random).
         seed: seeds every component's initialisation.
     """
     from lightning_sd.tiny import build_tiny_pipeline

@@ -12,7 +12,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["Components", "load_components", "load_scheduler", "pipeline_class"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "Components",
+    "load_components",
+    "load_scheduler",
+    "pipeline_class",
+    "resolve_model",
+]
+
+# Pipelines that ship inside the package, loadable by name from Python and YAML.
+BUILTIN_MODELS = ("tiny-pretrained",)
 
 
 @dataclass
@@ -49,6 +59,22 @@ class Components:
         return {k: v for k, v in encoders.items() if v is not None}
 
 
+def resolve_model(pretrained_model_name_or_path: str) -> str:
+    """A shipped pipeline's folder for its name (``tiny-pretrained``); anything else unchanged.
+
+    A local folder of the same name wins, so the name never hides a user's directory.
+    """
+    import os
+
+    if pretrained_model_name_or_path in BUILTIN_MODELS and not os.path.isdir(
+        pretrained_model_name_or_path
+    ):
+        from lightning_sd.pretrained.base import pretrained_path
+
+        return str(pretrained_path())
+    return pretrained_model_name_or_path
+
+
 def _class(entry: list | None, default: str, library: str) -> Any:
     """A model_index.json entry ``[library, class]`` to the class (default when absent)."""
     import importlib
@@ -81,6 +107,7 @@ def load_components(
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    pretrained_model_name_or_path = resolve_model(pretrained_model_name_or_path)
     src = dict(pretrained_model_name_or_path=pretrained_model_name_or_path, revision=revision)
     weights = dict(src, variant=variant, torch_dtype=dtype)
     try:
@@ -120,7 +147,8 @@ def _model_index(pretrained_model_name_or_path: str, revision: str | None = None
     """The pipeline's ``model_index.json``: its class and each component's [library, class]."""
     from diffusers import DiffusionPipeline
 
-    return dict(DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision))
+    path = resolve_model(pretrained_model_name_or_path)
+    return dict(DiffusionPipeline.load_config(path, revision=revision))
 
 
 def pipeline_class(pretrained_model_name_or_path: str, revision: str | None = None) -> type:
@@ -144,7 +172,7 @@ def load_scheduler(pretrained_model_name_or_path: str, revision: str | None = No
     import diffusers
 
     config = diffusers.DDPMScheduler.load_config(
-        pretrained_model_name_or_path, subfolder="scheduler", revision=revision
+        resolve_model(pretrained_model_name_or_path), subfolder="scheduler", revision=revision
     )
     cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
     return cls.from_config(config)

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from lightning_sd.components import pipeline_class
+from lightning_sd.components import pipeline_class, resolve_model
 from lightning_sd.embeddings import EMBEDDINGS_NAME
 from lightning_sd.encoding import encode_prompts, encode_prompts_sdxl
 from lightning_sd.generation import generate_images
@@ -161,7 +161,9 @@ def generate(
         raise ValueError(f"{len(loras)} LoRA files but {len(scales)} lora_scales")
     cls = pipeline_class(pretrained_model_name_or_path, revision)
     extra = {"safety_checker": None} if cls.__name__ == "StableDiffusionPipeline" else {}
-    pipe = cls.from_pretrained(pretrained_model_name_or_path, revision=revision, **extra)
+    pipe = cls.from_pretrained(
+        resolve_model(pretrained_model_name_or_path), revision=revision, **extra
+    )
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     names = [f"lora_{i}" for i in range(len(loras))]
     for name, path in zip(names, loras, strict=True):

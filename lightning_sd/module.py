@@ -10,7 +10,7 @@ from lightning import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_sd._version import __version__
-from lightning_sd.adapters import AdapterConfig, add_adapter, trainable_parameters
+from lightning_sd.adapters import AdapterConfig, prepare_trainable, trainable_parameters
 from lightning_sd.components import load_components
 from lightning_sd.continuation import reopen_last_epoch, schedule_changed_warning
 from lightning_sd.encoding import (
@@ -192,18 +192,18 @@ class StableDiffusionLoRA(LightningModule):
             frozen = [self.unet, *self.text_encoders().values()]
             for model in frozen + ([self.vae] if h.vae_name_or_path else []):
                 model.to(dtype)
-        add_adapter(self.unet, self.adapter)
+        prepare_trainable(self.unet, self.adapter)
         # SDXL conditions on text encoder 1's penultimate layer: its last gets no gradient.
         skip = h.clip_skip + (1 if self.text_encoder_2 is not None else 0)
         if self.text_encoder_adapter is not None:
-            add_adapter(self.text_encoder, self.text_encoder_adapter, skip_last_layers=skip)
+            prepare_trainable(self.text_encoder, self.text_encoder_adapter, skip_last_layers=skip)
         if self.text_encoder_2_adapter is not None:
             if self.text_encoder_2 is None:
                 raise ValueError(
                     f"text_encoder_2_adapter is set but {h.pretrained_model_name_or_path!r} has "
                     "no second text encoder (it is not an SDXL-family pipeline)"
                 )
-            add_adapter(self.text_encoder_2, self.text_encoder_2_adapter)
+            prepare_trainable(self.text_encoder_2, self.text_encoder_2_adapter)
         if self.pivotal_tuning is not None:
             add_tokens(self.tokenizer, self.text_encoder, self.pivotal_tuning)
             if self.text_encoder_2 is not None:
@@ -243,6 +243,20 @@ class StableDiffusionLoRA(LightningModule):
     def adapted_components(self) -> dict[str, torch.nn.Module]:
         """The parts that may carry adapters, by their diffusers names."""
         return {"unet": self.unet, **self.text_encoders()}
+
+    def fully_trained_components(self) -> dict[str, torch.nn.Module]:
+        """The parts trained in full (adapter kind ``full``), by their diffusers names."""
+        configs = {
+            "unet": self.adapter,
+            "text_encoder": self.text_encoder_adapter,
+            "text_encoder_2": self.text_encoder_2_adapter,
+        }
+        parts = self.adapted_components()
+        return {
+            name: parts[name]
+            for name, config in configs.items()
+            if config is not None and config.kind == "full" and parts.get(name) is not None
+        }
 
     def training_metadata(self) -> dict:
         """Facts written into exported files' headers and model cards."""
@@ -444,11 +458,12 @@ class StableDiffusionLoRA(LightningModule):
         ]
         new_rows = []
         for name, encoder in self.text_encoders().items():
-            lora = [p for n, p in encoder.named_parameters() if p.requires_grad and "lora_" in n]
-            groups.append({"name": name, "params": lora, "lr": lrs[name]})
             embedding = encoder.get_input_embeddings()
-            if isinstance(embedding, ExtendedEmbedding):
-                new_rows.append(embedding.new)
+            rows = [embedding.new] if isinstance(embedding, ExtendedEmbedding) else []
+            new_rows += rows
+            # Adapters, or every weight under full fine-tuning; pivotal rows have their group.
+            params = [p for p in trainable_parameters(encoder) if all(p is not r for r in rows)]
+            groups.append({"name": name, "params": params, "lr": lrs[name]})
         if new_rows:  # pivotal tokens of every encoder: one rate, one stop step
             lr = self.pivotal_tuning.learning_rate
             groups.append({"name": "embeddings", "params": new_rows, "lr": lr, "weight_decay": 0.0})

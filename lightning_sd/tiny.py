@@ -282,18 +282,26 @@ def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0
     Args:
         out_dir: destination folder; it must not exist yet or must be empty.
         preset: one of ``PRESETS`` (``tiny`` for tests, ``small`` for benchmarks,
-            ``tiny-sdxl`` / ``tiny-playground`` for the SDXL architecture).
+            ``tiny-sdxl`` / ``tiny-playground`` for the SDXL architecture), or
+            ``tiny-pretrained``: a copy of the shipped pretrained base (32 px, trained on
+            emoji; ``lightning_sd.pretrained``), which ``seed`` does not change.
         seed: seeds every component's initialisation, so a preset and seed name one model.
 
     Returns:
         The folder, loadable with ``StableDiffusionPipeline.from_pretrained(out_dir)`` (SDXL
         presets: ``StableDiffusionXLPipeline``).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown tiny preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if preset not in PRESETS and preset != "tiny-pretrained":
+        choices = sorted(PRESETS) + ["tiny-pretrained"]
+        raise ValueError(f"unknown tiny preset {preset!r}; choose one of {choices}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
+    if preset == "tiny-pretrained":
+        from lightning_sd.pretrained.base import pretrained_path
+
+        shutil.copytree(pretrained_path(), out_dir, dirs_exist_ok=True)
+        return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         pipe = _pipeline(PRESETS[preset], seed, Path(tmp))

@@ -33,15 +33,24 @@ def export_adapters(
     """Write a module's adapters in the requested layouts, its new-token embeddings, a card.
 
     Every file is written to a temporary name and renamed. A layout that cannot hold the
-    adapter faithfully (kohya for DoRA) is skipped with a warning that says why.
+    adapter faithfully (kohya for DoRA) is skipped with a warning that says why. Parts trained
+    in full (adapter kind ``full``) have no LoRA: each is written as a diffusers component
+    folder (``save_pretrained``, safetensors) under its name, e.g. ``<out_dir>/unet``.
 
     Returns:
-        Layout or kind (``diffusers``, ``kohya``, ``embeddings``, ``card``) -> path.
+        Layout or kind (``diffusers``, ``kohya``, ``embeddings``, ``card``, or a fully trained
+        part's name) -> path.
     """
     out_dir = Path(out_dir)
-    components = module.adapted_components()
-    metadata = module.training_metadata()
+    full = module.fully_trained_components()
     written: dict[str, Path] = {}
+    for name, part in full.items():
+        part.save_pretrained(out_dir / name, safe_serialization=True)
+        written[name] = out_dir / name
+    components = {k: v for k, v in module.adapted_components().items() if k not in full}
+    if not any(_has_adapter(part) for part in components.values()):
+        return written
+    metadata = module.training_metadata()
     if "diffusers" in formats:
         written["diffusers"] = save_diffusers_lora(out_dir, components, metadata)
     if "kohya" in formats:
@@ -62,6 +71,10 @@ def export_adapters(
             written["embeddings"] = path
     written["card"] = write_model_card(out_dir, metadata, dict(written), trigger, tokens)
     return written
+
+
+def _has_adapter(model) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
 
 
 class LoRAExport(Callback):
@@ -109,7 +122,7 @@ class LoRAExport(Callback):
         if trainer.is_global_zero:
             out = self._dir or self.output_dir(trainer)
             self.written = export_adapters(pl_module, out, self.formats, self._trigger(trainer))
-            main = self.written.get("diffusers") or next(iter(self.written.values()))
+            main = self.written.get("diffusers") or next(iter(self.written.values()), out)
             rank_zero_info(f"LoRA weights written to {main}")
         trainer.strategy.barrier("lora_export")
 

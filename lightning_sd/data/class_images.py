@@ -79,7 +79,7 @@ def generate_class_images(
         return []
     from diffusers import StableDiffusionPipeline
 
-    from lightning_sd.components import pipeline_class
+    from lightning_sd.components import pipeline_class, resolve_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -87,7 +87,7 @@ def generate_class_images(
     extra = {}
     if cls is StableDiffusionPipeline:
         extra = {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(pipeline, torch_dtype=dtype, **extra).to(device)
+    pipe = cls.from_pretrained(resolve_model(pipeline), torch_dtype=dtype, **extra).to(device)
     pipe.set_progress_bar_config(disable=True)
     written = []
     with tqdm(total=len(indices), desc=f"class images -> {folder}", unit="img") as bar:
