@@ -21,6 +21,7 @@ from lightning import Callback, Trainer, seed_everything
 
 from lightning_sd.adapters import AdapterConfig
 from lightning_sd.callbacks.export import LoRAExport
+from lightning_sd.callbacks.progress import StepProgressBar
 from lightning_sd.data import DreamBoothDataModule
 from lightning_sd.grid import image_grid, save_image_atomic
 from lightning_sd.module import StableDiffusionLoRA
@@ -110,9 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         default_root_dir=str(out / "runs"),
         log_every_n_steps=10,
         limit_val_batches=0,
-        enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[history, export],
+        callbacks=[history, export, StepProgressBar()],
     )
     trainer.fit(module, data)
     after = probe.sample(module)

@@ -12,7 +12,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig, prepare_trainable, trainable_parameters
 from lightning_sd.components import load_components
-from lightning_sd.continuation import reopen_last_epoch, schedule_changed_warning
 from lightning_sd.encoding import (
     add_time_ids,
     encode_prompts,
@@ -37,6 +36,8 @@ from lightning_sd.resume import (
     apply_configured_learning_rates,
     check_learning_rates,
     check_resumable,
+    reopen_last_epoch,
+    schedule_changed_warning,
 )
 from lightning_sd.rng import gather_rng_states, restore_rng_states
 from lightning_sd.sampling import Sampler

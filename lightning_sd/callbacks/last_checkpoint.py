@@ -17,7 +17,7 @@ class LastCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` is rewritten when fit ends, if it lags behind.
 
     Takes ``ModelCheckpoint``'s arguments. The end-of-fit checkpoint resumes exactly: see
-    :func:`lightning_sd.continuation.reopen_last_epoch`.
+    :func:`lightning_sd.resume.reopen_last_epoch`.
     """
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
