@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PRESETS", "TinyPreset", "build_clip_tokenizer", "build_tiny_pipeline"]
+__all__ = [
+    "PRESETS",
+    "TinyPreset",
+    "build_clip_tokenizer",
+    "build_tiny_pipeline",
+    "sd15_training_scheduler",
+]
 
 # The special tokens as Hugging Face's CLIP tokenizer names them (open_clip: <start_of_text>).
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -108,7 +114,7 @@ def build_clip_tokenizer(out_dir: str | Path, pad_token: str = EOS):
 
 
 def _components(preset: TinyPreset, seed: int):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     p = preset
@@ -133,8 +139,14 @@ def _components(preset: TinyPreset, seed: int):
     text_encoder = CLIPTextModel(
         _clip_text_config(p.text_width, p.text_layers, "quick_gelu", pad_token_id=49407)
     )
-    # SD1.5's training schedule (its model_index ships PNDM for sampling; we train with DDPM).
-    scheduler = DDPMScheduler(
+    return unet, vae, text_encoder, sd15_training_scheduler()
+
+
+def sd15_training_scheduler():
+    """SD1.5's training schedule (its model_index ships PNDM for sampling; we train with DDPM)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -143,7 +155,6 @@ def _components(preset: TinyPreset, seed: int):
         clip_sample=False,
         steps_offset=1,
     )
-    return unet, vae, text_encoder, scheduler
 
 
 def _tiny_vae(p, **config):

@@ -56,9 +56,9 @@ def _text_encoder():
 
 def build_initial_pipeline(vae_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
     """A pipeline folder with the trained VAE and a random UNet and text encoder."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    from lightning_sd.tiny import build_clip_tokenizer
+    from lightning_sd.tiny import build_clip_tokenizer, sd15_training_scheduler
 
     torch.manual_seed(seed)
     unet = _unet()
@@ -70,15 +70,7 @@ def build_initial_pipeline(vae_dir: str | Path, out_dir: str | Path, seed: int =
             text_encoder=text_encoder,
             tokenizer=build_clip_tokenizer(Path(tmp) / "tokenizer"),
             unet=unet,
-            scheduler=DDPMScheduler(  # SD1.5's training schedule
-                num_train_timesteps=1000,
-                beta_start=0.00085,
-                beta_end=0.012,
-                beta_schedule="scaled_linear",
-                prediction_type="epsilon",
-                clip_sample=False,
-                steps_offset=1,
-            ),
+            scheduler=sd15_training_scheduler(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
