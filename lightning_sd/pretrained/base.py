@@ -22,6 +22,7 @@ __all__ = ["PRETRAINED_DIR", "assemble", "build_initial_pipeline", "pretrained_p
 PRETRAINED_DIR = "tiny-pretrained"
 RESOLUTION = 32
 TEXT_WIDTH = 64
+_NOT_WEIGHTS = shutil.ignore_patterns("*.csv")  # training logs beside a stage's weights
 
 
 def pretrained_path() -> Path:
@@ -79,8 +80,14 @@ def build_initial_pipeline(vae_dir: str | Path, out_dir: str | Path, seed: int =
     return Path(out_dir)
 
 
-def assemble(initial_dir: str | Path, trained_dir: str | Path, out_dir: str | Path) -> Path:
-    """The final folder: the initial pipeline with the trained ``unet/`` and ``text_encoder/``.
+def assemble(
+    initial_dir: str | Path,
+    trained_dir: str | Path,
+    out_dir: str | Path,
+    vae_dir: str | Path | None = None,
+) -> Path:
+    """The final folder: the initial pipeline with the trained ``unet/`` and ``text_encoder/``
+    (and the decoder-fine-tuned VAE from ``vae_dir``, whose encoder is the initial one's).
 
     ``trained_dir`` is what the export callback wrote for the fully trained parts. The UNet
     is stored in float16 to halve its file (diffusers loads it as float32); the text
@@ -92,8 +99,10 @@ def assemble(initial_dir: str | Path, trained_dir: str | Path, out_dir: str | Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     for part in ("vae", "tokenizer", "scheduler", "model_index.json"):
         src = Path(initial_dir) / part
+        if part == "vae" and vae_dir is not None:
+            src = Path(vae_dir)
         (
-            shutil.copytree(src, out_dir / part, dirs_exist_ok=True)
+            shutil.copytree(src, out_dir / part, dirs_exist_ok=True, ignore=_NOT_WEIGHTS)
             if src.is_dir()
             else shutil.copy(src, out_dir / part)
         )

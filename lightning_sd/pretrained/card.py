@@ -41,19 +41,15 @@ def merged_metrics(work: Path) -> Path:
     return out
 
 
-def plot_losses(vae_csv: Path, unet_csv: Path, out: Path) -> None:
-    """Both training losses, VAE (left) and UNet + text encoder (right), to one PNG."""
+def plot_losses(panels: list[tuple[Path, str, str]], out: Path) -> None:
+    """The training losses, one (csv, column, title) panel per stage, to one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, (path, key, title) in zip(
-        axes,
-        [(vae_csv, "rec", "VAE: L1 + MSE"), (unet_csv, "train/loss", "UNet + text encoder")],
-        strict=True,
-    ):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2))
+    for ax, (path, key, title) in zip(axes, panels, strict=True):
         steps, values = _read(path, key)
         ax.plot(steps, values, lw=0.8)
         ax.set(title=title, xlabel="step", yscale="log")
@@ -83,11 +79,20 @@ def write_card(pipeline_dir: str | Path, work: str | Path) -> Path:
     """README.md, loss_curves.png and samples.png in the pipeline folder."""
     pipeline_dir, work = Path(pipeline_dir), Path(work)
     unet_csv = merged_metrics(work)
-    plot_losses(work / "vae" / "loss.csv", unet_csv, pipeline_dir / "loss_curves.png")
+    decoder_csv = work / "vae_decoder" / "decoder_loss.csv"
+    plot_losses(
+        [
+            (work / "vae" / "loss.csv", "rec", "VAE: L1 + MSE"),
+            (unet_csv, "train/loss", "UNet + text encoder"),
+            (decoder_csv, "rec", "VAE decoder fine-tune: L1 + MSE"),
+        ],
+        pipeline_dir / "loss_curves.png",
+    )
     with torch.no_grad():
         sample_grid(pipeline_dir, pipeline_dir / "samples.png")
     steps, losses = _read(unet_csv, "train/loss")
     vae_steps, vae_losses = _read(work / "vae" / "loss.csv", "rec")
+    dec_steps, dec_losses = _read(decoder_csv, "rec")
     counts = {
         split: len((work / "emoji" / split / "metadata.jsonl").read_text().splitlines())
         for split in ("train", "heldout", "subject")
@@ -101,6 +106,9 @@ def write_card(pipeline_dir: str | Path, work: str | Path) -> Path:
         vae_steps=vae_steps[-1] + 1,
         vae_first=vae_losses[0],
         vae_last=sum(vae_losses[-20:]) / len(vae_losses[-20:]),
+        dec_steps=dec_steps[-1] + 1,
+        dec_first=dec_losses[0],
+        dec_last=sum(dec_losses[-20:]) / len(dec_losses[-20:]),
         licence=LICENCE,
         facts="\n".join(f"- {k}: {v}" for k, v in facts.items()),
     )
@@ -128,7 +136,7 @@ pipe = StableDiffusionPipeline.from_pretrained("lightning_sd/assets/tiny-pretrai
 #   model: {{pretrained_model_name_or_path: tiny-pretrained}}
 ```
 
-It is a toy: 32 px, ~10 M parameters, under an hour of two (shared) CPU cores. Prompts are Unicode emoji
+It is a toy: 32 px, ~10 M parameters, about an hour of two (shared) CPU cores. Prompts are Unicode emoji
 names ("hot dog", "crescent moon"); it draws the gist (colour, layout) of the emoji it saw.
 
 ## Data
@@ -147,9 +155,13 @@ subject family (every emoji whose name contains "cat"), never seen: the DreamBoo
 2. UNet (64/128/128 channels, cross-attention at 8x8 and 4x4 and in the middle block) and text
    encoder (width 64, 3 layers) trained in full with `StableDiffusionLoRA` (adapter kind
    `full`) and `CaptionDataModule`: {steps} steps, batch 32, AdamW 1e-3 (100 warm-up steps,
-   then constant), gradient clipping 1.0, epsilon prediction with Min-SNR-5 weighting, 10 %
+   then cosine to 0), gradient clipping 1.0, epsilon prediction with Min-SNR-5 weighting, 10 %
    caption dropout (for classifier-free guidance), cached latents. Loss {loss_first:.3f}
    (first steps) -> {loss_last:.3f} (last steps).
+3. VAE decoder fine-tuned with the encoder frozen (as SD's ft-MSE VAE was made): {dec_steps}
+   steps, batch 16 whole 32 px images, AdamW 5e-4 cosine to 0, L1 + MSE; reconstruction loss
+   {dec_first:.3f} -> {dec_last:.3f}. The latents do not change, so the UNet's training is
+   unaffected; this stage runs on one thread, beside stage 2.
 {facts}
 
 ![loss curves](loss_curves.png)
@@ -166,9 +178,10 @@ Quality numbers (VAE PSNR, prompt-following retrieval, FD-Lite0) are in
 ```bash
 apt-get install fonts-noto-color-emoji        # only to draw the data set
 python -m lightning_sd.pretrained.recipe --work runs/pretrain --out runs/pretrain/tiny-pretrained \\
-    --steps {steps}
+    --vae-steps {vae_steps} --steps {steps} --decoder-steps {dec_steps}
 ```
-Every stage is seeded; on CPU with two threads the loss curve repeats from the seed. The UNet is
+Every stage is seeded; on CPU with fixed threads (two, one for the decoder stage) the loss
+curves repeat from the seed. The UNet is
 stored in float16 (diffusers loads it as float32) to keep the folder small.
 
 ## Licences

@@ -8,7 +8,10 @@
 3. write the initial pipeline: trained VAE, random UNet and text encoder (``base``);
 4. train the UNet and the text encoder in full with ``lightning-sd fit`` and
    ``configs/pretrain/emoji_base.yaml`` (the package's own module and data module);
-5. assemble the folder, write the model card (loss curves, sample grid).
+5. fine-tune the VAE decoder with the encoder frozen (SD's ft-MSE recipe): the latents the UNet
+   learned do not change, so this stage is independent of stage 4 (one thread, so it can run
+   beside it);
+6. assemble the folder, write the model card (loss curves, sample grid).
 
 Each stage skips itself when its output exists, so an interrupted recipe continues. CPU
 training is deterministic with fixed threads: the same seed gives the same loss curve.
@@ -23,7 +26,7 @@ import torch
 
 from lightning_sd.pretrained.base import assemble, build_initial_pipeline
 from lightning_sd.pretrained.emoji import build_emoji_dataset
-from lightning_sd.pretrained.vae_training import train_vae
+from lightning_sd.pretrained.vae_training import finetune_decoder, train_vae
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "emoji_base.yaml"
 
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/pretrain/tiny-pretrained")
     parser.add_argument("--vae-steps", type=int, default=16000)
     parser.add_argument("--steps", type=int, default=6000, help="UNet + text encoder steps")
+    parser.add_argument("--decoder-steps", type=int, default=4000)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     work = Path(args.work)
@@ -71,7 +75,12 @@ def main(argv: list[str] | None = None) -> None:
         from lightning_sd.cli import build_cli
 
         build_cli(fit_args(work, args.steps))
-    out = assemble(work / "initial", work / "trained", args.out)
+    if not (work / "vae_decoder" / "config.json").is_file():
+        torch.set_num_threads(1)
+        finetune_decoder(work / "vae", work / "emoji" / "train", work / "vae_decoder",
+                         args.decoder_steps)  # fmt: skip
+        torch.set_num_threads(2)
+    out = assemble(work / "initial", work / "trained", args.out, vae_dir=work / "vae_decoder")
     from lightning_sd.pretrained.card import write_card
 
     write_card(out, work)

@@ -118,7 +118,7 @@ def train_vae(
         log.append((step, loss.item(), rec_loss.item(), kl.item(), round(time.time() - start, 1)))
         if step % 20 == 0:
             print(
-                f"vae step {step} loss {float(loss):.4f} ({time.time() - start:.0f} s)", flush=True
+                f"vae step {step} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True
             )
     vae.eval()
     with torch.no_grad():
