@@ -26,6 +26,7 @@ from _common import sd15_unet  # noqa: E402
 
 def main() -> None:
     from lightning_sd.adapters import AdapterConfig, add_adapter
+    from lightning_sd.families import SD1
     from lightning_sd.lora_io import save_diffusers_lora
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,7 +44,7 @@ def main() -> None:
                 add_adapter(unet, AdapterConfig(kind=kind, rank=rank, alpha=rank, targets=targets))
                 params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
                 with tempfile.TemporaryDirectory() as tmp:
-                    size = save_diffusers_lora(tmp, {"unet": unet}).stat().st_size
+                    size = save_diffusers_lora(tmp, {"unet": unet}, SD1()).stat().st_size
                 rows.append(
                     dict(targets=targets, kind=kind, rank=rank, trainable_params=params,
                          file_mb=round(size / 2**20, 2),

@@ -120,7 +120,7 @@ def reference_loop(module, dm, device: torch.device, max_steps: int, timer: Step
         for batch in loader:
             batch = to_device(batch, device)
             latents, cond = module.batch_latents(batch), module.batch_cond(batch)
-            per_sample = module.objective.loss(module.unet_fn, latents, **cond)
+            per_sample = module.objective.loss(module.denoiser_fn, latents, **cond)
             loss = (per_sample * batch["loss_weight"]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -21,6 +21,12 @@ _UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 _UNET_FF = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 # LoCon-style: also the ResNet and resampling convolutions.
 _UNET_CONV = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
+# SD3's MMDiT: joint attention (image stream, and the context stream's add_*), SD3.5 Medium's
+# second attention attn2 (bare suffixes reach it; diffusers' "attn.to_q" ones do not), and
+# both streams' feed-forwards.
+_MMDIT_ATTN = [*_UNET_ATTN, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+_MMDIT_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+_MMDIT_NORM = ["norm1.linear", "norm1_context.linear"]
 _CLIP_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _CLIP_MLP = ["fc1", "fc2"]
 
@@ -30,6 +36,11 @@ TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
         "attn": _UNET_ATTN,
         "attn_ff": _UNET_ATTN + _UNET_FF,
         "full": _UNET_ATTN + _UNET_FF + _UNET_CONV,
+    },
+    "transformer": {
+        "attn": _MMDIT_ATTN,
+        "attn_ff": _MMDIT_ATTN + _MMDIT_FF,
+        "full": _MMDIT_ATTN + _MMDIT_FF + _MMDIT_NORM,
     },
     "text_encoder": {
         "attn": _CLIP_ATTN,
@@ -59,6 +70,8 @@ class AdapterConfig:
             SVD-based ``pissa`` / ``olora`` (these change the base weights at start).
         targets: a preset of ``TARGET_PRESETS`` (``attn``, ``attn_ff``, ``full``), or a list of
             module-name suffixes, or one regular expression over full module names.
+        blocks: adapt only these transformer blocks (SD3's ``transformer_blocks.<i>``); None
+            adapts every block. UNets and text encoders take a regex ``targets`` instead.
     """
 
     kind: Literal["lora", "dora", "full"] = "lora"
@@ -67,6 +80,7 @@ class AdapterConfig:
     dropout: float = 0.0
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
     targets: list[str] | str = field(default="attn")
+    blocks: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -93,7 +107,8 @@ class AdapterConfig:
         """The equivalent ``peft.LoraConfig``.
 
         Args:
-            family: ``unet`` or ``text_encoder``: which names the target presets expand to.
+            family: ``unet``, ``transformer`` or ``text_encoder``: which names the target
+                presets expand to.
             layers: restrict a transformer's adapters to these layer indices (peft's
                 ``layers_to_transform``), to leave out layers that receive no gradient.
         """
@@ -107,7 +122,7 @@ class AdapterConfig:
             target_modules=self.target_modules(family),
             use_dora=self.kind == "dora",
             layers_to_transform=layers,
-            layers_pattern="layers" if layers is not None else None,
+            layers_pattern=_LAYER_PATTERN[family] if layers is not None else None,
         )
 
 
@@ -120,7 +135,8 @@ def add_adapter(
     """Inject the adapter into a diffusers UNet or a CLIP text encoder through peft.
 
     Args:
-        model: a ``UNet2DConditionModel`` or a transformers CLIP text model.
+        model: a ``UNet2DConditionModel``, an ``SD3Transformer2DModel`` or a transformers
+            text model.
         config: the adapter.
         name: the peft adapter name.
         skip_last_layers: for text encoders, leave out the last layers. Their output is
@@ -138,10 +154,17 @@ def add_adapter(
     """
     from peft import inject_adapter_in_model
 
-    family = "unet" if hasattr(model, "down_blocks") else "text_encoder"
+    family = _preset_family(model)
     layers = None
     if family == "text_encoder" and skip_last_layers:
         layers = list(range(model.config.num_hidden_layers - skip_last_layers))
+    if config.blocks is not None:
+        if family != "transformer":
+            raise ValueError(
+                f"adapter blocks={config.blocks} selects transformer blocks, but "
+                f"{type(model).__name__} has none; select modules with a regex in targets"
+            )
+        layers = list(config.blocks)
     peft_config = config.to_peft(family, layers)
     try:
         inject_adapter_in_model(peft_config, model, adapter_name=name)
@@ -155,6 +178,16 @@ def add_adapter(
     for module_name, module in model.named_modules():
         if module_name.endswith("lora_dropout"):
             module.train()
+
+
+_LAYER_PATTERN = {"text_encoder": "layers", "transformer": "transformer_blocks", "unet": None}
+
+
+def _preset_family(model: torch.nn.Module) -> str:
+    """Which presets a network's module names follow: a UNet's, an MMDiT's or a CLIP's."""
+    if hasattr(model, "down_blocks"):
+        return "unet"
+    return "transformer" if hasattr(model, "transformer_blocks") else "text_encoder"
 
 
 def _injection_error(model: torch.nn.Module, config: AdapterConfig, err: ValueError) -> Exception:
@@ -174,7 +207,7 @@ def _injection_error(model: torch.nn.Module, config: AdapterConfig, err: ValueEr
     hint = f"; close module names: {close}" if close else ""
     return ValueError(
         f"adapter targets {config.targets!r} match no Linear/Conv2d module of {kind}{hint}. "
-        f"Presets: {sorted(TARGET_PRESETS['unet'])}"
+        f"Presets: {sorted(TARGET_PRESETS[_preset_family(model)])}"
     )
 
 

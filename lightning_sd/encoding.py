@@ -11,8 +11,6 @@ depends on the image (SDXL's ``time_ids``) and shapes the UNet's keyword argumen
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -21,7 +19,6 @@ __all__ = [
     "encode_prompts",
     "encode_prompts_sdxl",
     "unet_conditioning",
-    "unet_fn",
     "vae_decode",
     "vae_encode",
     "vae_posterior",
@@ -171,12 +168,3 @@ def unet_conditioning(text: dict, time_ids: torch.Tensor | None = None) -> dict:
         time_ids = time_ids.expand(len(pooled), -1)
     cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     return cond
-
-
-def unet_fn(unet: nn.Module) -> Callable[..., torch.Tensor]:
-    """The UNet as objectives call it: ``model(x_in, t, **cond) -> output``."""
-
-    def call(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        return unet(x, t, **cond, return_dict=False)[0]
-
-    return call

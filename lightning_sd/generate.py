@@ -11,9 +11,9 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from lightning_sd.components import pipeline_class, resolve_model
+from lightning_sd.components import _model_index, resolve_model
 from lightning_sd.embeddings import EMBEDDINGS_NAME
-from lightning_sd.encoding import encode_prompts, encode_prompts_sdxl
+from lightning_sd.families import ModelFamily, check_family, family_from_index
 from lightning_sd.generation import generate_images
 from lightning_sd.grid import image_grid, save_image_atomic
 from lightning_sd.lora_check import check_architecture, read_lora_file, warn_if_no_scale
@@ -23,15 +23,13 @@ from lightning_sd.lora_io import (
     read_safetensors,
     read_safetensors_metadata,
 )
-from lightning_sd.objectives import EDM, DiffusionObjective, Epsilon, Sample, VPrediction
-from lightning_sd.objectives.schedule import DiscreteSchedule, EDMSchedule
+from lightning_sd.objectives import DiffusionObjective
 from lightning_sd.sampling import DPMPP2M, Euler, Heun
 from lightning_sd.serialization import from_config
 
 __all__ = ["generate"]
 
 SAMPLERS = {"euler": Euler, "heun": Heun, "dpmpp_2m": DPMPP2M}
-_BY_PREDICTION = {"epsilon": Epsilon, "v_prediction": VPrediction, "sample": Sample}
 
 
 class _DropMissingKeysNote(logging.Filter):
@@ -65,31 +63,35 @@ def _training_facts(path: Path) -> dict:
     return json.loads(header.get(METADATA_KEY, "{}"))
 
 
-def _objective(facts: list[dict], scheduler) -> DiffusionObjective:
+def _agreed(facts: list[dict], key: str, what: str):
+    """The one value the files' headers give for ``key`` (None when none gives it)."""
+    values = [f[key] for f in facts if key in f]
+    if any(v != values[0] for v in values):
+        raise ValueError(f"the LoRA files were trained with different {what}: {values}")
+    return values[0] if values else None
+
+
+def _objective(facts: list[dict], family: ModelFamily, scheduler) -> DiffusionObjective:
     """The objective the adapters were trained with (from their headers), else the base's own.
 
     A LoRA trained with v-prediction on an epsilon base predicts v: sampling it as epsilon
     would be wrong, so the training objective travels in the file.
     """
-    configs = [f["objective"] for f in facts if "objective" in f]
-    if any(c != configs[0] for c in configs):
-        raise ValueError(
-            "the LoRA files were trained with different objectives; combine them "
-            "only if they predict the same quantity"
-        )
-    if configs:
-        objective = from_config(configs[0])
-    elif isinstance(DiscreteSchedule.from_scheduler(scheduler), EDMSchedule):
-        # EDM-native bases (Playground v2.5) are preconditioned as their scheduler does.
-        objective = DiffusionObjective(EDM(sigma_data=scheduler.config.get("sigma_data", 0.5)))
-    else:
-        prediction = scheduler.config.get("prediction_type", "epsilon")
-        objective = DiffusionObjective(_BY_PREDICTION[prediction]())
+    config = _agreed(facts, "objective", "objectives (combine files that predict alike)")
+    objective = from_config(config) if config else family.default_objective(scheduler)
     objective.set_schedule(scheduler)
     return objective
 
 
-def _load_embeddings(pipe, lora_paths: list[Path], facts: list[dict]) -> dict[str, str]:
+def _family(facts: list[dict], index: dict, base: str) -> ModelFamily:
+    """The base's family, with the settings the files were trained with (SD3's T5 length)."""
+    config = _agreed(facts, "family_config", "family settings")
+    return check_family(from_config(config) if config else None, family_from_index(index), base)
+
+
+def _load_embeddings(
+    pipe, family: ModelFamily, lora_paths: list[Path], facts: list[dict]
+) -> dict[str, str]:
     """Load pivotal-tuning tokens saved beside the LoRA; returns abstraction -> tokens."""
     substitutions = {}
     for path, file_facts in zip(lora_paths, facts, strict=True):
@@ -98,14 +100,14 @@ def _load_embeddings(pipe, lora_paths: list[Path], facts: list[dict]) -> dict[st
             continue
         tensors, header = read_safetensors(folder / EMBEDDINGS_NAME)
         tokens = json.loads(header["tokens"])
-        # SD1.x: clip_l only; SDXL: clip_l into text_encoder and clip_g into text_encoder_2.
-        for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
+        # clip_l into text_encoder; clip_g (SDXL, SD3) into text_encoder_2.
+        for name, key in family.embedding_keys.items():
             if key in tensors:
                 pipe.load_textual_inversion(
                     list(tensors[key]),
                     token=tokens,
-                    text_encoder=getattr(pipe, f"text_encoder{suffix}"),
-                    tokenizer=getattr(pipe, f"tokenizer{suffix}"),
+                    text_encoder=getattr(pipe, name),
+                    tokenizer=getattr(pipe, name.replace("text_encoder", "tokenizer")),
                 )
         pivotal = file_facts.get("pivotal_tuning") or {}
         if pivotal.get("token_abstraction"):
@@ -131,8 +133,10 @@ def generate(
 ) -> list[Path]:
     """Generate one image per prompt and seed from a base model with LoRA adapters.
 
-    SD1.x/2.x and SDXL-family bases (SDXL, Playground v2.5) alike: the pipeline class comes
-    from the base's ``model_index.json``.
+    SD1.x/2.x, SDXL-family (SDXL, Playground v2.5) and SD3 bases alike: the family comes from
+    the base's ``model_index.json``. Prompts are encoded by the family's encoder, the one
+    training and the validation grids use, with the clip skip (and SD3's T5 length) that the
+    LoRA file records; so the same LoRA, seed and settings give the grid's image.
 
     Args:
         pretrained_model_name_or_path: the base pipeline (hub id or folder).
@@ -159,16 +163,18 @@ def generate(
     scales = lora_scales if lora_scales is not None else [1.0] * len(loras)
     if len(scales) != len(loras):
         raise ValueError(f"{len(loras)} LoRA files but {len(scales)} lora_scales")
-    cls = pipeline_class(pretrained_model_name_or_path, revision)
-    extra = {"safety_checker": None} if cls.__name__ == "StableDiffusionPipeline" else {}
-    pipe = cls.from_pretrained(
-        resolve_model(pretrained_model_name_or_path), revision=revision, **extra
+    facts = [_training_facts(path) for path in loras]
+    index = _model_index(pretrained_model_name_or_path, revision)
+    family = _family(facts, index, pretrained_model_name_or_path)
+    pipe = family.pipeline_class().from_pretrained(
+        resolve_model(pretrained_model_name_or_path),
+        revision=revision,
+        **family.pipeline_kwargs(index),
     )
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     names = [f"lora_{i}" for i in range(len(loras))]
     for name, path in zip(names, loras, strict=True):
         file, tensors, header = read_lora_file(path)  # refuses pickles, missing files, NaN
-        check_architecture(tensors, header, file, pretrained_model_name_or_path, sdxl)
+        check_architecture(tensors, header, file, pretrained_model_name_or_path, family)
         warn_if_no_scale(tensors, header, file)
         with _quiet_missing_text_encoder_keys():
             pipe.load_lora_weights(str(file), adapter_name=name)
@@ -177,23 +183,26 @@ def generate(
         if fuse:
             pipe.fuse_lora(adapter_names=names)
             pipe.unload_lora_weights()
-    facts = [_training_facts(path) for path in loras]
-    substitutions = _load_embeddings(pipe, loras, facts)
-    objective = _objective(facts, pipe.scheduler)
+    substitutions = _load_embeddings(pipe, family, loras, facts)
+    objective = _objective(facts, family, pipe.scheduler)
+    clip_skip = _agreed(facts, "clip_skip", "clip skips") or 0
     pipe.to(device)
+    tokenizers = {
+        n: getattr(pipe, n.replace("text_encoder", "tokenizer"))
+        for n in family.text_encoder_classes
+        if getattr(pipe, n, None) is not None
+    }
+    encoders = {n: getattr(pipe, n) for n in tokenizers}
 
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:
         for abstraction, tokens in substitutions.items():
             texts = [t.replace(abstraction, tokens) for t in texts]
-        if sdxl:
-            encoders = [pipe.text_encoder, pipe.text_encoder_2]
-            return encode_prompts_sdxl([pipe.tokenizer, pipe.tokenizer_2], encoders, texts)
-        return encode_prompts(pipe.tokenizer, pipe.text_encoder, texts)
+        return family.text_embeddings(tokenizers, encoders, texts, clip_skip)
 
     all_prompts = [p for p in prompts for _ in seeds]
     all_seeds = [s for _ in prompts for s in seeds]
     images = generate_images(
-        objective, pipe.unet, pipe.vae, encode, all_prompts, all_seeds, steps=steps,
+        objective, family, getattr(pipe, family.denoiser_name), pipe.vae, encode, all_prompts, all_seeds, steps=steps,
         guidance_scale=guidance_scale, negative_prompt=negative_prompt,
         resolution=resolution, sampler=SAMPLERS[sampler](),
     )  # fmt: skip

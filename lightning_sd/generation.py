@@ -7,13 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_sd.encoding import (
-    add_time_ids,
-    unet_conditioning,
-    unet_fn,
-    vae_decode,
-    vae_scale_factor,
-)
+from lightning_sd.encoding import vae_decode, vae_scale_factor
+from lightning_sd.families import ModelFamily
 from lightning_sd.objectives import DiffusionObjective
 from lightning_sd.sampling import Sampler, sample
 
@@ -30,7 +25,8 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int], device=None) -> torch
 @torch.no_grad()
 def generate_images(
     objective: DiffusionObjective,
-    unet: nn.Module,
+    family: ModelFamily,
+    denoiser: nn.Module,
     vae: nn.Module,
     encode: Callable[[list[str]], dict[str, torch.Tensor]],
     prompts: list[str],
@@ -44,18 +40,18 @@ def generate_images(
     """Sample one image per (prompt, seed) pair.
 
     Args:
-        objective: gives the denoiser D(x; sigma) for the parameterization the UNet predicts.
-        unet: the (adapted) UNet.
+        objective: gives the denoiser D(x; sigma) for the parameterization the network predicts.
+        family: conditions and calls the network (SDXL's time ids are added here for the
+            generated size, uncropped, as diffusers' SDXL pipeline does by default).
+        denoiser: the (adapted) UNet or transformer.
         vae: decodes the latents.
-        encode: prompts -> text embeddings (``encoder_hidden_states``, and SDXL's pooled
-            ``text_embeds``); SDXL's time ids are added here for the generated size, uncropped,
-            as diffusers' SDXL pipeline does by default.
+        encode: prompts -> text embeddings: the family's encoder, as training uses it.
         prompts: one prompt per image.
         seeds: one seed per image.
         steps: sampler steps over Karras sigmas of the checkpoint's sigma range.
         guidance_scale: classifier-free guidance weight (1 disables it).
         negative_prompt: the unconditional prompt of guidance.
-        resolution: image side; default the UNet's native sample size.
+        resolution: image side; default the denoiser's native sample size.
         sampler: ``Euler``, ``Heun`` or ``DPMPP2M`` (default).
 
     Returns:
@@ -66,19 +62,17 @@ def generate_images(
             f"need one seed per prompt, got {len(prompts)} prompts, {len(seeds)} seeds"
         )
     factor = vae_scale_factor(vae)
-    side = (resolution or unet.config.sample_size * factor) // factor
-    device = next(unet.parameters()).device
-    noise = seeded_noise((unet.config.in_channels, side, side), seeds, device)
-    size = torch.tensor([side * factor, side * factor])
-    time_ids = add_time_ids(size, torch.zeros(2, dtype=torch.long), size)
+    side = (resolution or denoiser.config.sample_size * factor) // factor
+    device = next(denoiser.parameters()).device
+    noise = seeded_noise((denoiser.config.in_channels, side, side), seeds, device)
 
     def conditioning(texts: list[str]) -> dict:
-        return unet_conditioning(encode(texts), time_ids)
+        return family.conditioning(encode(texts), (side * factor, side * factor))
 
     uncond = conditioning([negative_prompt] * len(prompts)) if guidance_scale != 1 else None
     latents = sample(
         objective,
-        unet_fn(unet),
+        family.denoiser_fn(denoiser),
         noise,
         cond=conditioning(prompts),
         uncond=uncond,

@@ -12,10 +12,7 @@ import re
 
 import torch
 
-__all__ = ["KOHYA_PREFIXES", "to_kohya"]
-
-# Component name in diffusers -> kohya's key prefix (SD1.x: lora_te_; SDXL: lora_te1_/lora_te2_).
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+__all__ = ["to_kohya"]
 
 _PEFT_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
@@ -30,23 +27,22 @@ def _text_module(module: str) -> str:
 def to_kohya(
     peft_state_dicts: dict[str, dict[str, torch.Tensor]],
     alphas: dict[str, float],
-    prefixes: dict[str, str] | None = None,
+    prefixes: dict[str, str],
 ) -> dict[str, torch.Tensor]:
     """Rename peft adapter weights into kohya keys, with each module's real ``.alpha``.
 
     Args:
-        peft_state_dicts: component name (``unet``, ``text_encoder``, ``text_encoder_2``) ->
+        peft_state_dicts: component name (``unet``/``transformer``, ``text_encoder`` ...) ->
             ``get_peft_model_state_dict`` of that component.
         alphas: component name -> the adapter's lora_alpha.
-        prefixes: component name -> kohya prefix; default ``KOHYA_PREFIXES`` (SD1.x). SDXL
-            files use ``lora_te1_`` for the first text encoder.
+        prefixes: component name -> kohya prefix, the family's (``ModelFamily.kohya_prefixes``:
+            SD1.x ``lora_te_``, SDXL ``lora_te1_``/``lora_te2_``, SD3 ``lora_transformer_``).
 
     Returns:
         ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and, for
         DoRA, ``.dora_scale`` shaped (out, 1, ...) as kohya and LyCORIS store it (the norm is
         taken per output channel, the axis peft's ``lora_magnitude_vector`` uses).
     """
-    prefixes = {**KOHYA_PREFIXES, **(prefixes or {})}
     out: dict[str, torch.Tensor] = {}
     for component, state in peft_state_dicts.items():
         for key, tensor in state.items():

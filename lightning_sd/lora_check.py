@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_sd.families.base import ModelFamily
 from lightning_sd.lora_io import LORA_WEIGHT_NAME, METADATA_KEY, LoRAFileError, read_safetensors
 
 __all__ = [
@@ -26,7 +27,6 @@ __all__ = [
 ]
 
 _PICKLES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
-_FAMILY = {True: "SDXL-family (two text encoders)", False: "SD1.x/2.x (one text encoder)"}
 
 
 def lora_file(path: str | Path) -> Path:
@@ -80,25 +80,40 @@ def _components(tensors: dict) -> set[str]:
             found.add("text_encoder")
         elif key.startswith(("unet.", "lora_unet_")):
             found.add("unet")
+        elif key.startswith(("transformer.", "lora_transformer_")):
+            found.add("transformer")
     return found
 
 
-def check_architecture(
-    tensors: dict, header: dict[str, str], path: str | Path, base: str, base_is_sdxl: bool
-) -> None:
-    """An SDXL LoRA on an SD1.x base (or the reverse) fails here, saying so."""
+def _trained_pipeline(tensors: dict, header: dict[str, str]) -> str | None:
+    """The pipeline class a file was trained for: its header's word, else what its keys
+    imply (a UNet-only file fits SD1.x and SDXL alike: None)."""
     facts = json.loads(header.get(METADATA_KEY, "{}"))
-    trained_sdxl = None
     if facts.get("pipeline"):
-        trained_sdxl = "XL" in facts["pipeline"]
-    elif "text_encoder_2" in _components(tensors) or any(
-        k.startswith("lora_te1_") for k in tensors
+        return facts["pipeline"]
+    found = _components(tensors)
+    if "transformer" in found:
+        return "StableDiffusion3Pipeline"
+    if "unet" in found and (
+        "text_encoder_2" in found or any(k.startswith("lora_te1_") for k in tensors)
     ):
-        trained_sdxl = True
-    if trained_sdxl is not None and trained_sdxl != base_is_sdxl:
+        return "StableDiffusionXLPipeline"
+    return None
+
+
+def check_architecture(
+    tensors: dict, header: dict[str, str], path: str | Path, base: str, family: ModelFamily
+) -> None:
+    """A LoRA for another family than the base's (SDXL on SD1.x, SD1.x on SD3 ...) fails
+    here, saying so."""
+    from lightning_sd.families import family_from_index
+
+    trained = _trained_pipeline(tensors, header)
+    if trained is not None and trained != family.pipeline_name:
+        other = family_from_index({"_class_name": trained})
         raise LoRAFileError(
-            f"{path} is a LoRA for an {_FAMILY[trained_sdxl]} base, but {base} is "
-            f"{_FAMILY[base_is_sdxl]}: use a base of the family it was trained on"
+            f"{path} is a LoRA for an {other.description} base, but {base} is "
+            f"{family.description}: use a base of the family it was trained on"
         )
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from lightning_sd.checkpoint_io import no_space_error
-from lightning_sd.kohya import KOHYA_PREFIXES, to_kohya
+from lightning_sd.families.base import ModelFamily
+from lightning_sd.kohya import to_kohya
 
 __all__ = [
     "KOHYA_WEIGHT_NAME",
@@ -133,6 +134,7 @@ def adapted(components: dict[str, nn.Module | None]) -> dict[str, nn.Module]:
 def save_diffusers_lora(
     out_dir: str | Path,
     components: dict[str, nn.Module | None],
+    family: ModelFamily,
     metadata: dict | None = None,
     adapter_name: str = "default",
 ) -> Path:
@@ -144,24 +146,23 @@ def save_diffusers_lora(
 
     Args:
         out_dir: the folder to write into.
-        components: ``{"unet": unet, "text_encoder": te, "text_encoder_2": te2}``; those
+        components: ``{"unet": unet, "text_encoder": te, ...}`` (SD3: ``transformer``); those
             without an adapter are left out.
+        family: the base's family: its pipeline class's ``save_lora_weights`` writes the file.
         metadata: JSON-serialisable training facts.
         adapter_name: the peft adapter to save.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     parts = adapted(components)
     kwargs = {}
     for name, model in parts.items():
         layers = (
-            adapter_state_dict(model, adapter_name)
-            if name == "unet"
-            else _text_encoder_layers(model, adapter_name)
+            _text_encoder_layers(model, adapter_name)
+            if name.startswith("text_encoder")
+            else adapter_state_dict(model, adapter_name)
         )
         kwargs[f"{name}_lora_layers"] = layers
         kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
-    writer = StableDiffusionXLPipeline if "text_encoder_2" in parts else StableDiffusionPipeline
+    writer = family.lora_writer()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as staging:
@@ -177,11 +178,12 @@ def save_diffusers_lora(
 def save_kohya_lora(
     path: str | Path,
     components: dict[str, nn.Module | None],
+    family: ModelFamily,
     metadata: dict | None = None,
-    prefixes: dict[str, str] | None = None,
     adapter_name: str = "default",
 ) -> Path:
-    """Write the kohya / A1111 / ComfyUI layout (``lora_unet_*``, ``lora_te_*``, real ``.alpha``).
+    """Write the kohya / A1111 / ComfyUI layout (``lora_unet_*``, ``lora_te_*``, real ``.alpha``;
+    the family's prefixes: SDXL ``lora_te1_``/``lora_te2_``, SD3 ``lora_transformer_``).
 
     DoRA is refused: diffusers' kohya loader drops ``dora_scale`` (it would load as a different
     model), so a DoRA adapter goes to the diffusers layout only.
@@ -199,22 +201,23 @@ def save_kohya_lora(
     states = {n: get_peft_model_state_dict(m, adapter_name=adapter_name) for n, m in parts.items()}
     alphas = {n: m.peft_config[adapter_name].lora_alpha for n, m in parts.items()}
     header = {"ss_network_module": "networks.lora"}
-    if "unet" in parts:
-        header["ss_network_dim"] = str(parts["unet"].peft_config[adapter_name].r)
-        header["ss_network_alpha"] = str(alphas["unet"])
+    denoiser = family.denoiser_name
+    if denoiser in parts:
+        header["ss_network_dim"] = str(parts[denoiser].peft_config[adapter_name].r)
+        header["ss_network_alpha"] = str(alphas[denoiser])
     if metadata:
         header[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
-    return write_safetensors(path, to_kohya(states, alphas, prefixes), header)
+    return write_safetensors(path, to_kohya(states, alphas, family.kohya_prefixes), header)
 
 
 # -- reading -----------------------------------------------------------------------------------
 _DIFFUSERS_KEY = re.compile(
-    r"^(?P<component>unet|text_encoder|text_encoder_2)\.(?P<module>.+?)\."
+    r"^(?P<component>unet|transformer|text_encoder|text_encoder_2)\.(?P<module>.+?)\."
     r"(?P<part>lora\.down\.weight|lora\.up\.weight|lora_linear_layer\.down\.weight|"
     r"lora_linear_layer\.up\.weight|lora_A\.weight|lora_B\.weight|"
     r"lora_magnitude_vector(?:\.weight)?)$"
 )
-_KOHYA_KEY = re.compile(r"^(?P<name>lora_(?:unet|te1?|te2)_[^.]+)\.(?P<part>.+)$")
+_KOHYA_KEY = re.compile(r"^(?P<name>lora_(?:unet|transformer|te1?|te2)_[^.]+)\.(?P<part>.+)$")
 _PART = {
     "lora.down.weight": "lora_A.weight",
     "lora_linear_layer.down.weight": "lora_A.weight",
@@ -243,6 +246,8 @@ def _flat_module_names(component: str, model: nn.Module) -> dict[str, str]:
 def _component_of_kohya(name: str) -> str:
     if name.startswith("lora_unet_"):
         return "unet"
+    if name.startswith("lora_transformer_"):
+        return "transformer"
     if name.startswith("lora_te2_"):
         return "text_encoder_2"
     return "text_encoder"
@@ -279,7 +284,10 @@ def strip_text_model(module: str, model: nn.Module) -> str:
 
 
 def load_lora_into(
-    path: str | Path, components: dict[str, nn.Module | None], adapter_name: str = "default"
+    path: str | Path,
+    components: dict[str, nn.Module | None],
+    family: ModelFamily,
+    adapter_name: str = "default",
 ) -> None:
     """Load a LoRA file (diffusers or kohya layout) into adapters the components already carry.
 
@@ -292,8 +300,7 @@ def load_lora_into(
     from lightning_sd.lora_check import check_architecture, has_scale, read_lora_file
 
     path, tensors, header = read_lora_file(path)
-    sdxl = components.get("text_encoder_2") is not None
-    check_architecture(tensors, header, path, "this model's base", sdxl)
+    check_architecture(tensors, header, path, "this model's base", family)
     parts = adapted(components)
     weights, kohya_alphas = split_lora_tensors(tensors, parts)
     file_meta = json.loads(header.get("lora_adapter_metadata", "{}"))
@@ -355,10 +362,3 @@ def load_lora_into(
             )
         state = {k: given[k].reshape(v.shape).to(v.dtype) for k, v in expected.items()}
         set_peft_model_state_dict(model, state, adapter_name=adapter_name)
-
-
-def kohya_prefixes(components: dict[str, nn.Module | None]) -> dict[str, str]:
-    """SD1.x names its text encoder ``lora_te_``; SDXL ``lora_te1_`` and ``lora_te2_``."""
-    if components.get("text_encoder_2") is not None:
-        return {**KOHYA_PREFIXES, "text_encoder": "lora_te1_"}
-    return dict(KOHYA_PREFIXES)

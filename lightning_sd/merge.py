@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from lightning_sd.families import ModelFamily, family_of
 from lightning_sd.lora_check import check_architecture, read_lora_file, warn_if_no_scale
 from lightning_sd.lora_io import (
     KOHYA_WEIGHT_NAME,
     LoRAFileError,
-    kohya_prefixes,
     load_lora_into,
     save_diffusers_lora,
     save_kohya_lora,
@@ -51,23 +51,11 @@ MERGED = "merged"
 _SAME_RANK = {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
 
 
-def _base_models(base: str, components: list[str]) -> dict[str, nn.Module]:
+def _base_models(base: str, family: ModelFamily, components: list[str]) -> dict[str, nn.Module]:
     """Only the adapted parts of the pipeline: the VAE and tokenizer play no part in a merge."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from lightning_sd.components import resolve_model
 
-    classes = {
-        "unet": UNet2DConditionModel,
-        "text_encoder": CLIPTextModel,
-        "text_encoder_2": CLIPTextModelWithProjection,
-    }
-    return {c: classes[c].from_pretrained(base, subfolder=c).eval() for c in components}
-
-
-def _is_sdxl(base: str) -> bool:
-    from lightning_sd.components import pipeline_class
-
-    return "XL" in pipeline_class(base).__name__
+    return {c: family.load_part(resolve_model(base), c) for c in components}
 
 
 def _configs(path: Path, tensors: dict, header: dict, models: dict) -> dict[str, LoraConfig]:
@@ -136,6 +124,7 @@ def _combine(
     weights: list[float],
     seed: int,
     merge_args: dict,
+    family: ModelFamily,
 ) -> None:
     """Attach every file as a named adapter, load it, and add peft's combination as ``MERGED``.
 
@@ -154,7 +143,7 @@ def _combine(
         for config in tuners[component].peft_config.values():
             config.base_model_name_or_path = None
     for name, path in zip(names, paths, strict=True):
-        load_lora_into(path, models, name)
+        load_lora_into(path, models, family, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for tuner in tuners.values():
@@ -213,9 +202,9 @@ def merge_loras(
     read = [read_lora_file(p) for p in loras]  # refuses pickles, missing files, NaN
     paths = [path for path, _, _ in read]
     files = [(tensors, header) for _, tensors, header in read]
-    sdxl = _is_sdxl(base)
+    family = family_of(base)
     for path, (tensors, header) in zip(paths, files, strict=True):
-        check_architecture(tensors, header, path, base, sdxl)
+        check_architecture(tensors, header, path, base, family)
         warn_if_no_scale(tensors, header, path)
     components = [sorted(split_lora_tensors(tensors, {})[0]) for tensors, _ in files]
     for path, found in zip(paths[1:], components[1:], strict=True):
@@ -224,7 +213,7 @@ def merge_loras(
                 f"{paths[0]} adapts {components[0]} but {path} adapts {found}: every file must "
                 "adapt the same components"
             )
-    models = _base_models(base, components[0])
+    models = _base_models(base, family, components[0])
     configs = [_configs(p, t, h, models) for p, (t, h) in zip(paths, files, strict=True)]
     _check_compatible(paths, configs, combination)
 
@@ -234,9 +223,10 @@ def merge_loras(
         svd_rank=svd_rank,
         majority_sign_method=majority_sign_method,
     )
-    _combine(models, configs, paths, weights, seed, merge_args)
+    _combine(models, configs, paths, weights, seed, merge_args, family)
     metadata = {
         "base_model": base,
+        **family.facts(),
         "merge": {
             "sources": [str(p) for p in paths],
             "weights": list(weights),
@@ -248,9 +238,9 @@ def merge_loras(
     }
     written: dict[str, Path] = {}
     if "diffusers" in formats:
-        written["diffusers"] = save_diffusers_lora(out_dir, models, metadata, MERGED)
+        written["diffusers"] = save_diffusers_lora(out_dir, models, family, metadata, MERGED)
     if "kohya" in formats:
         written["kohya"] = save_kohya_lora(
-            Path(out_dir) / KOHYA_WEIGHT_NAME, models, metadata, kohya_prefixes(models), MERGED
+            Path(out_dir) / KOHYA_WEIGHT_NAME, models, family, metadata, MERGED
         )
     return written

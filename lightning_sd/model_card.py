@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning_sd.families.base import ModelFamily
+
 __all__ = ["write_model_card"]
 
 
@@ -13,6 +15,7 @@ def write_model_card(
     files: dict[str, Path],
     trigger: str | None = None,
     tokens: list[str] | None = None,
+    family: ModelFamily | None = None,
 ) -> Path:
     """Write ``README.md`` with Hugging Face model-card front matter and a loading snippet.
 
@@ -22,10 +25,18 @@ def write_model_card(
         files: format name -> written file.
         trigger: the prompt that names the subject (trigger words), if any.
         tokens: pivotal-tuning tokens that replace the abstraction in prompts, if any.
+        family: the base's family (its text encoders, embedding and kohya layouts); default
+            the one the metadata's pipeline names.
     """
+    from lightning_sd.families import family_from_index
+
+    family = family or family_from_index({"_class_name": metadata.get("pipeline", "")})
     base = metadata.get("base_model", "")
-    sdxl = metadata.get("pipeline") == "StableDiffusionXLPipeline"
-    te2 = "yes" if metadata.get("text_encoder_2_adapter") else "no"
+    encoder_rows = [
+        f"| text-encoder{'' if n == 'text_encoder' else ' ' + n[-1]} adapter | "
+        f"{'yes' if metadata.get(n + '_adapter') else 'no'} |"
+        for n in family.embedding_keys
+    ]
     adapter = metadata.get("adapter", {})
     objective = metadata.get("objective", {})
     parameterization = (objective.get("init_args", {}).get("parameterization", {}) or {}).get(
@@ -55,8 +66,8 @@ def write_model_card(
         f"| kind | {adapter.get('kind')} |",
         f"| rank / alpha | {adapter.get('rank')} / {adapter.get('alpha') or adapter.get('rank')} |",
         f"| targets | {adapter.get('targets')} |",
-        f"| text-encoder adapter | {'yes' if metadata.get('text_encoder_adapter') else 'no'} |",
-        *([f"| text-encoder 2 adapter | {te2} |"] if sdxl else []),
+        f"| family | {family.name} |",
+        *encoder_rows,
         f"| objective | {parameterization.rsplit('.', 1)[-1]} |",
         f"| steps | {metadata.get('steps')} |",
         "",
@@ -74,16 +85,12 @@ def write_model_card(
         f'pipe.load_lora_weights("{Path(out_dir).name}")',
     ]
     if tokens and "embeddings" in files:
-        lines += [
-            f'state = load_file("{Path(out_dir).name}/{files["embeddings"].name}")',
-            f"pipe.load_textual_inversion(state['clip_l'], token={tokens!r},",
-            "                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
-        ]
-        if sdxl:
+        lines.append(f'state = load_file("{Path(out_dir).name}/{files["embeddings"].name}")')
+        for name, key in family.embedding_keys.items():
+            tokenizer = name.replace("text_encoder", "tokenizer")
             lines += [
-                f"pipe.load_textual_inversion(state['clip_g'], token={tokens!r},",
-                "                            text_encoder=pipe.text_encoder_2, "
-                "tokenizer=pipe.tokenizer_2)",
+                f"pipe.load_textual_inversion(state['{key}'], token={tokens!r},",
+                f"                            text_encoder=pipe.{name}, tokenizer=pipe.{tokenizer})",
             ]
     prompt = trigger or "a photo"
     if tokens and trigger:
@@ -96,7 +103,7 @@ def write_model_card(
             "## A1111 / ComfyUI",
             "",
             f"`{files['kohya'].name}` is the same adapter in the kohya layout "
-            f"(`lora_unet_*`, {'`lora_te1_*`, `lora_te2_*`' if sdxl else '`lora_te_*`'}, "
+            f"({', '.join(f'`{p}*`' for p in family.kohya_prefixes.values())}, "
             "with the real alpha).",
             "",
         ]

@@ -12,14 +12,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig, prepare_trainable, trainable_parameters
 from lightning_sd.components import load_components
-from lightning_sd.encoding import (
-    add_time_ids,
-    encode_prompts,
-    encode_prompts_sdxl,
-    unet_conditioning,
-    vae_encode,
-    vae_scale_factor,
-)
+from lightning_sd.encoding import vae_encode, vae_scale_factor
+from lightning_sd.families import ModelFamily
+from lightning_sd.families.base import warn_if_contradicts
 from lightning_sd.generation import generate_images
 from lightning_sd.lora_io import load_lora_into
 from lightning_sd.objectives import DiffusionObjective
@@ -47,7 +42,11 @@ __all__ = ["StableDiffusionLoRA"]
 
 
 class StableDiffusionLoRA(LightningModule):
-    """Fine-tune a Stable Diffusion UNet through LoRA/DoRA adapters with a chosen objective.
+    """Fine-tune a Stable Diffusion denoiser (UNet or SD3's transformer) through LoRA/DoRA
+    adapters with a chosen objective.
+
+    Everything that differs between SD1.x/2.x, SDXL and SD3 (parts, text encoding,
+    micro-conditioning, the network call, file layouts) is asked of ``self.family``.
 
     The base weights are frozen and reloaded from their source; checkpoints hold only what
     trains (adapters), plus the optimizer and loop state Lightning adds.
@@ -56,11 +55,12 @@ class StableDiffusionLoRA(LightningModule):
         pretrained_model_name_or_path: hub id or local pipeline folder, as diffusers takes it.
         revision: hub revision of the base model.
         variant: weight-file variant of the base model (e.g. ``fp16``).
-        adapter: the UNet adapter (kind, rank, alpha, targets). Checkpoints store it as a dict,
-            which is accepted too (likewise for the next two).
-        text_encoder_adapter: an adapter on the text encoder too; ``None`` keeps it frozen.
-        text_encoder_2_adapter: an adapter on SDXL's second text encoder; ``None`` keeps it
-            frozen.
+        adapter: the denoiser's adapter (kind, rank, alpha, targets). Checkpoints store it as a
+            dict, which is accepted too (likewise for the next two).
+        text_encoder_adapter: an adapter on the (first CLIP) text encoder too; ``None`` keeps
+            it frozen.
+        text_encoder_2_adapter: an adapter on the second CLIP text encoder (SDXL, SD3);
+            ``None`` keeps it frozen.
         vae_name_or_path: a standalone VAE instead of the pipeline's (hub id or folder), e.g.
             ``madebyollin/sdxl-vae-fp16-fix``. It is cast to half precision with the frozen
             base under ``16-mixed``, so it must be fp16-safe; the pipeline's own VAE stays
@@ -68,8 +68,9 @@ class StableDiffusionLoRA(LightningModule):
         pivotal_tuning: new tokens trained with the LoRA (prompts use the abstraction).
         lora_weights: a LoRA file or folder (diffusers or kohya layout) to continue training
             from; it must match the configured adapters (modules, rank, alpha).
-        objective: the noise objective; default epsilon prediction with uniform timesteps.
-            Checkpoints store it as a ``class_path`` dict, which is accepted too.
+        objective: the noise objective; default the one the base model was trained with, read
+            from its scheduler config (epsilon or v, EDM for Playground, rectified flow for
+            SD3). Checkpoints store it as a ``class_path`` dict, which is accepted too.
         clip_skip: condition on the text encoder's hidden state this many layers before the
             last (diffusers' ``clip_skip``; 0 = last layer). Skipped layers get no adapter.
         gradient_checkpointing: recompute activations in the backward pass (non-reentrant, so
@@ -89,6 +90,9 @@ class StableDiffusionLoRA(LightningModule):
         channels_last: keep the UNet's weights and inputs in channels-last memory format
             (faster convolutions with tensor cores).
         heldout_seed: seeds the fixed noise and timesteps of the held-out validation loss.
+        family: the model family with its settings, e.g. ``SD3(t5=False)`` (YAML:
+            ``class_path: lightning_sd.families.SD3``); default detected from the base
+            model's ``model_index.json``.
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class StableDiffusionLoRA(LightningModule):
         lr_power: float = 1.0,
         channels_last: bool = False,
         heldout_seed: int = 0,
+        family: ModelFamily | None = None,
     ):
         super().__init__()
         check_learning_rates(
@@ -137,12 +142,16 @@ class StableDiffusionLoRA(LightningModule):
             objective = from_config(objective)
         if isinstance(optimizer, dict):
             optimizer = optimizer_factory(optimizer)
+        if isinstance(family, dict):
+            family = from_config(family)
+        self.family: ModelFamily | None = family
         self.optimizer: OptimizerFactory | None = optimizer
         self.adapter = adapter or AdapterConfig()
         self.text_encoder_adapter = text_encoder_adapter
         self.text_encoder_2_adapter = text_encoder_2_adapter
         self.pivotal_tuning = pivotal_tuning
-        self.objective = objective or DiffusionObjective()
+        # None until configure_model reads the base's scheduler (see default_objective).
+        self.objective: DiffusionObjective | None = objective
         self.save_hyperparameters(
             ignore=[
                 "adapter",
@@ -151,6 +160,7 @@ class StableDiffusionLoRA(LightningModule):
                 "pivotal_tuning",
                 "objective",
                 "optimizer",
+                "family",
             ]
         )
         self.hparams["optimizer"] = optimizer_config(optimizer)
@@ -163,8 +173,13 @@ class StableDiffusionLoRA(LightningModule):
         )
         self.hparams["pivotal_tuning"] = pivotal_tuning and dataclasses.asdict(pivotal_tuning)
         self.hparams["objective"] = to_config(self.objective)
-        self.unet = self.vae = self.text_encoder = self.tokenizer = None
-        self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second encoder
+        self.hparams["family"] = to_config(family)
+        # The networks, set by configure_model under their diffusers names (unet or
+        # transformer; text_encoder, text_encoder_2, text_encoder_3 as the family has them).
+        self.vae = self.unet = self.transformer = None
+        self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
+        self.tokenizer = self.tokenizer_2 = self.tokenizer_3 = None
+        self.tokenizers: dict = {}
         # Checkpoints hold adapters only; on_load_checkpoint checks nothing trainable is missing.
         self.strict_loading = False
         self._rng_states_to_restore: list | None = None
@@ -174,7 +189,7 @@ class StableDiffusionLoRA(LightningModule):
     # -- model ------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Load the frozen base and inject the adapters; idempotent, as Lightning requires."""
-        if self.unet is not None:
+        if self.vae is not None:
             return
         h = self.hparams
         parts = load_components(
@@ -182,47 +197,65 @@ class StableDiffusionLoRA(LightningModule):
             h.revision,
             h.variant,
             vae_name_or_path=h.vae_name_or_path,
+            family=self.family,
         )
-        self.vae, self.unet = parts.vae, parts.unet
-        self.text_encoder, self.tokenizer = parts.text_encoder, parts.tokenizer
-        self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
+        self.family = family = parts.family
+        for name, module in parts.modules().items():
+            setattr(self, name, module)
+        self.tokenizers = parts.tokenizers
+        for name, tokenizer in parts.tokenizers.items():  # pipelines' attribute names
+            setattr(self, name.replace("text_encoder", "tokenizer"), tokenizer)
         # Frozen weights in the mixed-precision dtype; the pipeline's VAE stays float32 (SDXL's
         # overflows in fp16) and adapters are made float32 by add_adapter.
         dtype = self.frozen_dtype()
         if dtype != torch.float32:
-            frozen = [self.unet, *self.text_encoders().values()]
+            frozen = [self.denoiser, *self.text_encoders().values()]
             for model in frozen + ([self.vae] if h.vae_name_or_path else []):
                 model.to(dtype)
-        prepare_trainable(self.unet, self.adapter)
-        # SDXL conditions on text encoder 1's penultimate layer: its last gets no gradient.
-        skip = h.clip_skip + (1 if self.text_encoder_2 is not None else 0)
-        if self.text_encoder_adapter is not None:
-            prepare_trainable(self.text_encoder, self.text_encoder_adapter, skip_last_layers=skip)
-        if self.text_encoder_2_adapter is not None:
-            if self.text_encoder_2 is None:
+        prepare_trainable(self.denoiser, self.adapter)
+        for name, config in self.text_encoder_adapters().items():
+            if name not in parts.text_encoders:
                 raise ValueError(
-                    f"text_encoder_2_adapter is set but {h.pretrained_model_name_or_path!r} has "
-                    "no second text encoder (it is not an SDXL-family pipeline)"
+                    f"{name}_adapter is set but {h.pretrained_model_name_or_path!r} is a "
+                    f"{family.description} pipeline without {name}"
                 )
-            prepare_trainable(self.text_encoder_2, self.text_encoder_2_adapter)
+            # Layers whose output is unused get no adapter (no gradient would reach them).
+            skip = family.unused_last_layers(name, h.clip_skip)
+            prepare_trainable(parts.text_encoders[name], config, skip_last_layers=skip)
         if self.pivotal_tuning is not None:
-            add_tokens(self.tokenizer, self.text_encoder, self.pivotal_tuning)
-            if self.text_encoder_2 is not None:
-                add_tokens(self.tokenizer_2, self.text_encoder_2, self.pivotal_tuning)
+            for name in family.embedding_keys:
+                add_tokens(self.tokenizers[name], parts.text_encoders[name], self.pivotal_tuning)
         if h.lora_weights:
-            load_lora_into(h.lora_weights, self.adapted_components())
+            load_lora_into(h.lora_weights, self.adapted_components(), family=family)
         if h.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()  # diffusers: use_reentrant=False
+            self.denoiser.enable_gradient_checkpointing()  # diffusers: use_reentrant=False
             for encoder in self.text_encoders().values():
                 encoder.activation_checkpointing_enable({"use_reentrant": False})
         if h.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+            self.denoiser.to(memory_format=torch.channels_last)
+        if self.objective is None:
+            self.objective = family.default_objective(parts.scheduler)
+        else:
+            warn_if_contradicts(self.objective, parts.scheduler)
         self.objective.set_schedule(parts.scheduler)
 
+    @property
+    def denoiser(self) -> torch.nn.Module | None:
+        """The network the objective trains: the UNet, or SD3's transformer."""
+        return getattr(self, self.family.denoiser_name) if self.family is not None else None
+
+    def text_encoder_adapters(self) -> dict[str, AdapterConfig]:
+        """The configured text-encoder adapters by diffusers name."""
+        configs = {
+            "text_encoder": self.text_encoder_adapter,
+            "text_encoder_2": self.text_encoder_2_adapter,
+        }
+        return {k: v for k, v in configs.items() if v is not None}
+
     def text_encoders(self) -> dict[str, torch.nn.Module]:
-        """The loaded text encoders by diffusers name (SDXL: both)."""
-        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
-        return {k: v for k, v in encoders.items() if v is not None}
+        """The loaded text encoders by diffusers name."""
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def frozen_dtype(self) -> torch.dtype:
         """float16/bfloat16 under ``16-mixed``/``bf16-mixed`` precision, else float32.
@@ -243,20 +276,16 @@ class StableDiffusionLoRA(LightningModule):
 
     def adapted_components(self) -> dict[str, torch.nn.Module]:
         """The parts that may carry adapters, by their diffusers names."""
-        return {"unet": self.unet, **self.text_encoders()}
+        return {self.family.denoiser_name: self.denoiser, **self.text_encoders()}
 
     def fully_trained_components(self) -> dict[str, torch.nn.Module]:
         """The parts trained in full (adapter kind ``full``), by their diffusers names."""
-        configs = {
-            "unet": self.adapter,
-            "text_encoder": self.text_encoder_adapter,
-            "text_encoder_2": self.text_encoder_2_adapter,
-        }
+        configs = {self.family.denoiser_name: self.adapter, **self.text_encoder_adapters()}
         parts = self.adapted_components()
         return {
             name: parts[name]
             for name, config in configs.items()
-            if config is not None and config.kind == "full" and parts.get(name) is not None
+            if config.kind == "full" and parts.get(name) is not None
         }
 
     def training_metadata(self) -> dict:
@@ -264,25 +293,22 @@ class StableDiffusionLoRA(LightningModule):
         h = self.hparams
         return {
             "base_model": h.pretrained_model_name_or_path,
-            "pipeline": (
-                "StableDiffusionXLPipeline"
-                if self.text_encoder_2 is not None
-                else "StableDiffusionPipeline"
-            ),
+            **self.family.facts(),
+            "family_config": to_config(self.family),
             "revision": h.revision,
             "adapter": h.adapter,
             "text_encoder_adapter": h.text_encoder_adapter,
             "text_encoder_2_adapter": h.text_encoder_2_adapter,
             "pivotal_tuning": h.pivotal_tuning,
-            "objective": h.objective,
+            "objective": to_config(self.objective),
             "clip_skip": h.clip_skip,
             "steps": self.trainer.global_step if self._trainer is not None else None,
             "lightning_sd_version": __version__,
         }
 
-    def unet_fn(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        """The UNet as the objective calls it: ``model(x_in, t, **cond) -> output``."""
-        return self.unet(x, t, **cond, return_dict=False)[0]
+    def denoiser_fn(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """The denoiser as the objective calls it: ``model(x_in, t, **cond) -> output``."""
+        return self.family.denoiser_fn(self.denoiser)(x, t, **cond)
 
     @torch.no_grad()
     def encode_latents(self, pixel_values: torch.Tensor, sample: bool = True) -> torch.Tensor:
@@ -292,38 +318,25 @@ class StableDiffusionLoRA(LightningModule):
     def text_embeddings(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompts to their text embeddings: what depends on the prompt alone (and is cached).
 
-        SD1.x: ``encoder_hidden_states``; SDXL: also the pooled ``text_embeds``. The
-        pivotal-tuning abstraction (``TOK``) is replaced by its tokens here, so data,
-        validation prompts and generation all write prompts the same way.
+        The family's encoder, the one ``generate`` calls too. The pivotal-tuning abstraction
+        (``TOK``) is replaced by its tokens here, so data, validation prompts and generation
+        all write prompts the same way.
         """
         if self.pivotal_tuning is not None:
             prompts = [self.pivotal_tuning.substitute(p) for p in prompts]
-        if self.text_encoder_2 is None:
-            return encode_prompts(
-                self.tokenizer, self.text_encoder, prompts, self.hparams.clip_skip
-            )
-        return encode_prompts_sdxl(
-            [self.tokenizer, self.tokenizer_2],
-            [self.text_encoder, self.text_encoder_2],
-            prompts,
-            self.hparams.clip_skip,
+        return self.family.text_embeddings(
+            self.tokenizers, self.text_encoders(), prompts, self.hparams.clip_skip
         )
 
-    def encode_text(
-        self, prompts: list[str], time_ids: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Prompts to the UNet's conditioning keyword arguments.
+    def native_size(self) -> tuple[int, int]:
+        """The denoiser's native image size in pixels (height, width)."""
+        side = self.denoiser.config.sample_size * vae_scale_factor(self.vae)
+        return side, side
 
-        Args:
-            prompts: the prompts (may use the pivotal-tuning abstraction).
-            time_ids: SDXL's (B, 6) or (1, 6) size/crop conditioning (``add_time_ids``);
-                default the UNet's native square size, uncropped. Ignored for SD1.x.
-        """
-        if time_ids is None and self.text_encoder_2 is not None:
-            side = self.unet.config.sample_size * vae_scale_factor(self.vae)
-            size = torch.tensor([side, side])
-            time_ids = add_time_ids(size, torch.zeros(2, dtype=torch.long), size)
-        return unet_conditioning(self.text_embeddings(prompts), time_ids)
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts to the denoiser's conditioning keyword arguments, for the native size
+        (SDXL's time ids: uncropped images of that size)."""
+        return self.family.conditioning(self.text_embeddings(prompts), self.native_size())
 
     # -- steps ------------------------------------------------------------------------------
     def batch_latents(self, batch: dict, sample: bool = True) -> torch.Tensor:
@@ -340,7 +353,7 @@ class StableDiffusionLoRA(LightningModule):
         Otherwise the VAE crops the latents and the UNet interpolates mismatched feature maps:
         it trains, on the wrong thing, with no word.
         """
-        factor = vae_scale_factor(self.vae) * 2 ** getattr(self.unet, "num_upsamplers", 0)
+        factor = vae_scale_factor(self.vae) * self.denoiser_downsampling()
         if height % factor or width % factor:
             raise ValueError(
                 f"training images of {width}x{height} px: each side must be a multiple of "
@@ -348,32 +361,30 @@ class StableDiffusionLoRA(LightningModule):
                 f"to e.g. {max(factor, round(width / factor) * factor)}"
             )
 
-    def batch_cond(self, batch: dict, latents: torch.Tensor | None = None) -> dict:
-        """The UNet's conditioning for a batch: its cached text embeddings (``batch["cond"]``)
-        or its encoded prompts, plus SDXL's time ids from the batch's sizes and crops."""
-        text = batch["cond"] if "cond" in batch else self.text_embeddings(batch["prompt"])
-        return unet_conditioning(text, self.batch_time_ids(batch, latents))
+    def denoiser_downsampling(self) -> int:
+        """How much the denoiser downsamples its latents (UNet: its resamplers; DiT: patches)."""
+        config = self.denoiser.config
+        return getattr(config, "patch_size", None) or 2 ** getattr(
+            self.denoiser, "num_upsamplers", 0
+        )
 
-    def batch_time_ids(self, batch: dict, latents: torch.Tensor | None = None):
-        """SDXL's (B, 6) micro-conditioning from the data's original size, crop and target size
-        (computed each step, never cached); None for SD1.x. A batch without them (tensors made
-        by hand) is taken as uncropped images of the latents' size."""
-        if self.text_encoder_2 is None:
-            return None
-        if "original_size" in batch:
-            keys = ("original_size", "crop_top_left", "target_size")
-            return add_time_ids(*(batch[k] for k in keys))
+    def batch_cond(self, batch: dict, latents: torch.Tensor | None = None) -> dict:
+        """The denoiser's conditioning for a batch: its cached text embeddings (``batch["cond"]``)
+        or its encoded prompts, plus what the family takes from the images (SDXL's time ids
+        from the batch's sizes and crops, else uncropped images of the latents' size)."""
+        text = batch["cond"] if "cond" in batch else self.text_embeddings(batch["prompt"])
         if latents is None:
-            raise ValueError("an SDXL batch needs original_size/crop_top_left/target_size")
-        factor = vae_scale_factor(self.vae)
-        size = torch.tensor(latents.shape[-2:]) * factor
-        sizes = size.expand(len(latents), 2)
-        return add_time_ids(sizes, torch.zeros_like(sizes), sizes)
+            latents = batch.get("latents")
+        if latents is not None:
+            size = tuple(int(d) * vae_scale_factor(self.vae) for d in latents.shape[-2:])
+        else:
+            size = tuple(int(d) for d in batch["pixel_values"].shape[-2:])
+        return self.family.conditioning(text, size, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         latents = self.batch_latents(batch)
         cond = self.batch_cond(batch, latents)
-        per_sample = self.objective.loss(self.unet_fn, latents, **cond)
+        per_sample = self.objective.loss(self.denoiser_fn, latents, **cond)
         loss = (per_sample * batch["loss_weight"]).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
         return loss
@@ -386,7 +397,7 @@ class StableDiffusionLoRA(LightningModule):
         latents = self.batch_latents(batch, sample=False)
         noise, sigma = self.heldout_noise(latents, batch_idx)
         per_sample = self.objective.loss(
-            self.unet_fn, latents, noise=noise, sigma=sigma, **self.batch_cond(batch, latents)
+            self.denoiser_fn, latents, noise=noise, sigma=sigma, **self.batch_cond(batch, latents)
         )
         loss = (per_sample * batch["loss_weight"]).mean()
         self.log("val/loss", loss, prog_bar=True, batch_size=len(latents))
@@ -422,7 +433,7 @@ class StableDiffusionLoRA(LightningModule):
             steps: sampler steps over Karras sigmas of the checkpoint's range.
             guidance_scale: classifier-free guidance weight (1 disables it).
             negative_prompt: the unconditional prompt of guidance.
-            resolution: image side; default the UNet's native sample size.
+            resolution: image side; default the denoiser's native sample size.
             sampler: ``Euler``, ``Heun`` or ``DPMPP2M`` (default) from ``lightning_sd.sampling``.
 
         Returns:
@@ -430,7 +441,8 @@ class StableDiffusionLoRA(LightningModule):
         """
         return generate_images(
             self.objective,
-            self.unet,
+            self.family,
+            self.denoiser,
             self.vae,
             self.text_embeddings,
             prompts,
@@ -454,8 +466,9 @@ class StableDiffusionLoRA(LightningModule):
             "text_encoder": te_lr,
             "text_encoder_2": h.text_encoder_2_lr if h.text_encoder_2_lr is not None else te_lr,
         }
+        denoiser = self.family.denoiser_name
         groups = [
-            {"name": "unet", "params": trainable_parameters(self.unet), "lr": h.learning_rate}
+            {"name": denoiser, "params": trainable_parameters(self.denoiser), "lr": h.learning_rate}
         ]
         new_rows = []
         for name, encoder in self.text_encoders().items():
@@ -464,7 +477,7 @@ class StableDiffusionLoRA(LightningModule):
             new_rows += rows
             # Adapters, or every weight under full fine-tuning; pivotal rows have their group.
             params = [p for p in trainable_parameters(encoder) if all(p is not r for r in rows)]
-            groups.append({"name": name, "params": params, "lr": lrs[name]})
+            groups.append({"name": name, "params": params, "lr": lrs.get(name, te_lr)})
         if new_rows:  # pivotal tokens of every encoder: one rate, one stop step
             lr = self.pivotal_tuning.learning_rate
             groups.append({"name": "embeddings", "params": new_rows, "lr": lr, "weight_decay": 0.0})

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from lightning_sd import AdapterConfig, StableDiffusionLoRA
 from lightning_sd.adapters import add_adapter
 from lightning_sd.callbacks.export import export_adapters
+from lightning_sd.families import SD1
 from lightning_sd.lora_io import LoRAFileError, load_lora_into
 from lightning_sd.pivotal import PivotalTuning
 
@@ -163,14 +164,14 @@ def test_file_for_another_architecture_and_truncated_file(trained, tmp_path, tin
     add_adapter(other.text_encoder, AdapterConfig(rank=2, alpha=4))
     parts = {"unet": other.unet, "text_encoder": other.text_encoder}
     with pytest.raises(LoRAFileError, match=r"modules of the file are not adapted") as err:
-        load_lora_into(files["diffusers"], parts)
+        load_lora_into(files["diffusers"], parts, SD1())
     assert "up_blocks.1.attentions.0.transformer_blocks.0.attn1" in str(err.value)
 
     data = files["diffusers"].read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(LoRAFileError, match=r"cut\.safetensors.*truncated or corrupt"):
-        load_lora_into(cut, parts)
+        load_lora_into(cut, parts, SD1())
 
 
 def test_alpha_mismatch_is_refused(trained, tiny_pipeline_dir):

@@ -71,7 +71,7 @@ def test_module_loss_is_the_weighted_mean_of_per_sample_losses(
         noise = torch.randn(latents.shape)
         per_sample = [
             objective.loss(
-                module.unet_fn, latents[i : i + 1], noise=noise[i : i + 1],
+                module.denoiser_fn, latents[i : i + 1], noise=noise[i : i + 1],
                 sigma=sigma[i : i + 1], encoder_hidden_states=cond[i : i + 1],
             ).item()
             for i in range(4)

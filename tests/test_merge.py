@@ -13,6 +13,7 @@ from safetensors import safe_open
 from lightning_sd import AdapterConfig
 from lightning_sd.adapters import add_adapter
 from lightning_sd.cli import main
+from lightning_sd.families import SD1
 from lightning_sd.lora_io import LoRAFileError, save_diffusers_lora, save_kohya_lora
 from lightning_sd.merge import merge_loras
 
@@ -34,8 +35,8 @@ def make_lora(base, path, seed, targets="attn_ff", rank=4, kind="lora", text_enc
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.1, generator=gen)
     if path.suffix == ".safetensors":
-        return save_kohya_lora(path, parts)
-    return save_diffusers_lora(path, parts)
+        return save_kohya_lora(path, parts, SD1())
+    return save_diffusers_lora(path, parts, SD1())
 
 
 def outputs(pipe):

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
 from lightning_sd.callbacks.export import export_adapters
 from lightning_sd.encoding import unet_conditioning
+from lightning_sd.families.sdxl import time_ids
 from lightning_sd.lora_io import load_lora_into
 from lightning_sd.pivotal import PivotalTuning
 from lightning_sd.sampling import Euler
@@ -185,7 +186,7 @@ def test_time_ids_match_the_pipeline_for_data_crops(tiny_sdxl_dir, tmp_path):
                                                               "target_size")), strict=True)
         ]
     )  # fmt: skip
-    assert torch.equal(module.batch_time_ids(batch), expected)
+    assert torch.equal(module.batch_cond(batch)["added_cond_kwargs"]["time_ids"], expected)
     # Generation: the generated size, uncropped (the pipeline's defaults at height = width).
     native = module.encode_text(["a"])["added_cond_kwargs"]["time_ids"]
     assert torch.equal(
@@ -245,7 +246,7 @@ def test_continue_training_from_either_layout(trained, tiny_sdxl_dir):
             text_encoder_2_adapter=AdapterConfig(rank=4, alpha=2),
         )
         fresh.configure_model()
-        load_lora_into(files[layout], fresh.adapted_components())
+        load_lora_into(files[layout], fresh.adapted_components(), fresh.family)
         got = {n: p for n, p in fresh.named_parameters() if p.requires_grad}
         assert want.keys() == got.keys()
         for name, p in want.items():
@@ -329,7 +330,7 @@ def test_edm_native_model_trains_and_samples_with_its_own_schedule(tiny_playgrou
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     for sigma in scheduler.sigmas[[0, 500, 998]]:
         with torch.no_grad():
-            ours = module.objective.denoise(module.unet_fn, x, sigma.expand(2), **cond)
+            ours = module.objective.denoise(module.denoiser_fn, x, sigma.expand(2), **cond)
             f = module.unet(
                 scheduler.precondition_inputs(x, sigma),
                 scheduler.precondition_noise(sigma).expand(2),
@@ -370,7 +371,7 @@ def test_text_cache_holds_pooled_embeddings(tiny_sdxl_dir, instance_dir, tmp_pat
             cached["added_cond_kwargs"][key], fresh["added_cond_kwargs"][key]
         )
     assert torch.equal(
-        fresh["added_cond_kwargs"]["time_ids"], module.batch_time_ids(batch)
+        fresh["added_cond_kwargs"]["time_ids"], time_ids((32, 32), batch, 2)
     )  # time ids come from the batch's sizes, never from the cache
     # A trainable second text encoder makes cached embeddings stale: refused.
     module.text_encoder_2.get_input_embeddings().weight.requires_grad_(True)

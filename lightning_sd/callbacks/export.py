@@ -12,7 +12,6 @@ from lightning_sd.embeddings import EMBEDDINGS_NAME, save_embeddings
 from lightning_sd.lora_io import (
     KOHYA_WEIGHT_NAME,
     LoRAFileError,
-    kohya_prefixes,
     save_diffusers_lora,
     save_kohya_lora,
 )
@@ -51,25 +50,24 @@ def export_adapters(
     if not any(_has_adapter(part) for part in components.values()):
         return written
     metadata = module.training_metadata()
+    family = module.family
     if "diffusers" in formats:
-        written["diffusers"] = save_diffusers_lora(out_dir, components, metadata)
+        written["diffusers"] = save_diffusers_lora(out_dir, components, family, metadata)
     if "kohya" in formats:
         try:
             written["kohya"] = save_kohya_lora(
-                out_dir / KOHYA_WEIGHT_NAME, components, metadata, kohya_prefixes(components)
+                out_dir / KOHYA_WEIGHT_NAME, components, family, metadata
             )
         except LoRAFileError as err:
             rank_zero_warn(f"kohya layout skipped: {err}")
     pivotal = getattr(module, "pivotal_tuning", None)
     tokens = pivotal.tokens if pivotal is not None else None
     if tokens:
-        encoders = {"clip_l": components.get("text_encoder")}
-        if components.get("text_encoder_2") is not None:
-            encoders["clip_g"] = components["text_encoder_2"]
+        encoders = {key: components[name] for name, key in family.embedding_keys.items()}
         path = save_embeddings(out_dir / EMBEDDINGS_NAME, encoders, tokens)
         if path is not None:
             written["embeddings"] = path
-    written["card"] = write_model_card(out_dir, metadata, dict(written), trigger, tokens)
+    written["card"] = write_model_card(out_dir, metadata, dict(written), trigger, tokens, family)
     return written
 
 

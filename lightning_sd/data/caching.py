@@ -138,13 +138,12 @@ def _text_identity(module) -> str:
     hparams = dict(getattr(module, "hparams", {}))
     settings = {k: v for k, v in hparams.items() if k not in _TRAINING_ONLY}
     identity = [type(module).__qualname__, json.dumps(settings, sort_keys=True, default=str)]
-    tokenizers = [module.tokenizer, getattr(module, "tokenizer_2", None)]
-    for tok in filter(None, tokenizers):
+    for tok in module.tokenizers.values():
         identity.append(f"{type(tok).__qualname__}:{len(tok)}:{tok.model_max_length}")
-    encoder_2 = getattr(module, "text_encoder_2", None)
-    if encoder_2 is not None:  # SDXL: the second encoder's weights enter the key too
-        identity.append(model_fingerprint(encoder_2))
-    return model_fingerprint(module.text_encoder, *identity)
+    first, *others = module.text_encoders().values()
+    # Every encoder's weights enter the key (SDXL's second, SD3's T5 when it is used).
+    identity += [model_fingerprint(encoder) for encoder in others]
+    return model_fingerprint(first, *identity)
 
 
 def _latent_keys(dataset: ImageCaptionDataset, vae_id: str, jobs: dict) -> list:

@@ -77,17 +77,20 @@ def generate_class_images(
     indices = missing_indices(folder, num_images)
     if not indices:
         return []
-    from diffusers import StableDiffusionPipeline
-
-    from lightning_sd.components import pipeline_class, resolve_model
+    from lightning_sd.components import _model_index, resolve_model
+    from lightning_sd.families import family_from_index
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    cls = pipeline_class(pipeline)  # SD1.x or SDXL (Playground v2.5 included)
-    extra = {}
-    if cls is StableDiffusionPipeline:
-        extra = {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(resolve_model(pipeline), torch_dtype=dtype, **extra).to(device)
+    index = _model_index(pipeline)
+    family = family_from_index(index)  # SD1.x, SDXL (Playground v2.5 included) or SD3
+    pipe = (
+        family.pipeline_class()
+        .from_pretrained(
+            resolve_model(pipeline), torch_dtype=dtype, **family.pipeline_kwargs(index)
+        )
+        .to(device)
+    )
     pipe.set_progress_bar_config(disable=True)
     written = []
     with tqdm(total=len(indices), desc=f"class images -> {folder}", unit="img") as bar:
