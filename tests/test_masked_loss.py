@@ -149,3 +149,42 @@ def test_caption_datamodule_serves_masks_to_a_training_step(masked_dir, tiny_pip
     torch.manual_seed(0)
     loss = module.training_step(batch, 0)
     assert torch.isfinite(loss) and loss > 0
+
+
+def test_cached_masks_are_the_area_averaged_masks_flipped_with_their_latents(
+    masked_dir, tiny_pipeline_dir, tmp_path
+):
+    from lightning_sd.module import StableDiffusionLoRA
+    from lightning_sd.objectives.masking import latent_mask
+
+    module = StableDiffusionLoRA(str(tiny_pipeline_dir))
+    module.configure_model()
+    kwargs = dict(resolution=32, bucketing=True, bucket_multiple=8, random_flip=True)
+    cached = CaptionDataModule(
+        SidecarCaptions(str(masked_dir)), cache_dir=str(tmp_path), cache_latents=True,
+        masked_loss=True, **kwargs,
+    )  # fmt: skip
+    cached.setup("fit")
+    assert cached.fill_cache(module).latents_encoded == 6  # 3 images x (image, mirror)
+    fresh = CaptionDataModule(SidecarCaptions(str(masked_dir)), masked_loss=True, **kwargs)
+    fresh.setup("fit")
+    for key in range(12):
+        from_cache, pixels = cached.train_set[key], fresh.train_set[key]
+        grid = tuple(from_cache["latents"].shape[-2:])
+        expected = latent_mask(pixels["mask"][None], grid)[0]
+        assert torch.allclose(from_cache["mask"], expected, atol=1e-6)
+    # Another mask file gives another cache entry: nothing stale is served.
+    keys = cached.train_set.cached.latent_keys
+    mask_file = masked_dir / "sidecar.mask.png"
+    original = mask_file.read_bytes()
+    try:
+        Image.new("L", (48, 40), 7).save(mask_file)
+        again = CaptionDataModule(
+            SidecarCaptions(str(masked_dir)), cache_dir=str(tmp_path), cache_latents=True,
+            masked_loss=True, **kwargs,
+        )  # fmt: skip
+        again.setup("fit")
+        assert again.fill_cache(module).latents_encoded == 2
+        assert again.train_set.cached.latent_keys != keys
+    finally:
+        mask_file.write_bytes(original)

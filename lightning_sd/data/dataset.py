@@ -113,6 +113,8 @@ class ImageCaptionDataset(Dataset):
             if cached.sample_latents:
                 noise = torch.randn(entry["std"].shape, generator=gen).to(entry["std"])
             sample["latents"] = entry["mean"] + entry["std"] * noise
+            if self.masks:
+                sample["mask"] = entry["mask"]  # on the latent grid, flipped with the latents
         else:
             sample["pixel_values"] = self.transform.apply(record.open(), plan, flipped)
         if self.masks and "mask" not in sample:
