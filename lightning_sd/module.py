@@ -384,7 +384,7 @@ class StableDiffusionLoRA(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         latents = self.batch_latents(batch)
         cond = self.batch_cond(batch, latents)
-        per_sample = self.objective.loss(self.denoiser_fn, latents, **cond)
+        per_sample = self.objective.loss(self.denoiser_fn, latents, mask=batch.get("mask"), **cond)
         loss = (per_sample * batch["loss_weight"]).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
         return loss
@@ -396,8 +396,9 @@ class StableDiffusionLoRA(LightningModule):
         """
         latents = self.batch_latents(batch, sample=False)
         noise, sigma = self.heldout_noise(latents, batch_idx)
+        cond = self.batch_cond(batch, latents)
         per_sample = self.objective.loss(
-            self.denoiser_fn, latents, noise=noise, sigma=sigma, **self.batch_cond(batch, latents)
+            self.denoiser_fn, latents, noise=noise, sigma=sigma, mask=batch.get("mask"), **cond
         )
         loss = (per_sample * batch["loss_weight"]).mean()
         self.log("val/loss", loss, prog_bar=True, batch_size=len(latents))

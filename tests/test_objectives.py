@@ -13,6 +13,7 @@ from jsonargparse import ArgumentParser
 from lightning_sd.objectives import (
     EDM,
     Canonical,
+    DebiasedEstimation,
     DiffusionObjective,
     DiscreteLogitNormal,
     DiscreteSchedule,
@@ -25,6 +26,7 @@ from lightning_sd.objectives import (
     MinSNR,
     Sample,
     SD3Weighting,
+    TimestepBias,
     VPrediction,
 )
 
@@ -343,6 +345,10 @@ EXPECTED = {
     "v_min_snr": (VPrediction, DiscreteUniform, MinSNR),
     "edm_min_snr": (EDM, LogNormal, MinSNR),
     "flow_sd3": (FlowMatching, FlowTimesteps, SD3Weighting),
+    "eps_huber": (Epsilon, DiscreteUniform, Canonical),  # + Huber distance
+    "eps_debiased": (Epsilon, DiscreteUniform, DebiasedEstimation),
+    "eps_timestep_bias": (Epsilon, TimestepBias, Canonical),
+    "eps_pyramid_noise": (Epsilon, DiscreteUniform, Canonical),  # + PyramidNoise
 }
 
 

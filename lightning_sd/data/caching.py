@@ -9,6 +9,7 @@ never called.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from lightning_sd.data.dataset import CachedView, ImageCaptionDataset
 from lightning_sd.data.records import ImageRecord
 from lightning_sd.data.transforms import CropPlan
 from lightning_sd.encoding import vae_posterior
+from lightning_sd.objectives.masking import latent_mask
 
 if TYPE_CHECKING:
     from lightning_sd.module import StableDiffusionLoRA
@@ -147,10 +149,12 @@ def _text_identity(module) -> str:
 
 
 def _latent_keys(dataset: ImageCaptionDataset, vae_id: str, jobs: dict) -> list:
-    settings = dataset.transform.settings()
     keys = []
     for record in dataset.records:
         plan = dataset.transform.plan(record.size)
+        settings = dataset.transform.settings()
+        if dataset.masks:  # the entry holds the mask too: key it on the mask file's bytes
+            settings += f";mask={hashlib.sha256(record.ref.read_mask() or b'').hexdigest()}"
         pair = []
         for flipped in (False, True) if dataset.transform.random_flip else (False,):
             key = latent_key(record.digest, plan, flipped, settings, vae_id)
@@ -171,8 +175,12 @@ def _encode_images(module, cache: LatentCache, jobs: list, batch_size: int) -> i
                 [ds.transform.apply(rec.open(), plan, flip) for _, rec, plan, flip, ds in chunk]
             )
             mean, std = vae_posterior(module.vae, pixels)
-            for (key, *_), m, s in zip(chunk, mean, std, strict=True):
-                cache.save("latents", key, {"mean": m, "std": s})
+            for (key, rec, plan, flip, ds), m, s in zip(chunk, mean, std, strict=True):
+                entry = {"mean": m, "std": s}
+                if ds.masks:  # area-averaged onto the latent grid, flipped with the latents
+                    mask = ds.transform.apply_mask(rec.open_mask(), plan, flip)
+                    entry["mask"] = latent_mask(mask[None], tuple(m.shape[-2:]))[0]
+                cache.save("latents", key, entry)
     return len(jobs)
 
 

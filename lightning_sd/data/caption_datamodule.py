@@ -69,6 +69,9 @@ class CaptionDataModule(ImageDataModule):
             (needs ``center_crop`` or ``bucketing``; with ``random_flip`` mirrors are cached too).
         cache_text_embeddings: encode each caption once (needs a frozen text encoder and no
             tag shuffling; caption dropout is fine, the empty caption is cached too).
+        masked_loss: weigh each pixel's loss by the image's mask (``name.mask.png`` beside it,
+            else its alpha channel; white trains, black is ignored), cropped and flipped with
+            the image; images without either train in full.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class CaptionDataModule(ImageDataModule):
         cache_dir: str | None = None,
         cache_latents: bool = False,
         cache_text_embeddings: bool = False,
+        masked_loss: bool = False,
     ):
         super().__init__()
         check_positive(resolution=resolution, batch_size=batch_size, repeats=repeats)
@@ -130,9 +134,10 @@ class CaptionDataModule(ImageDataModule):
         )
         train_records, held_out = split_held_out(records, h.validation_split)
         self.train_set = ImageCaptionDataset(
-            train_records, train, self.captions, 1.0, h.repeats, h.seed
+            train_records, train, self.captions, 1.0, h.repeats, h.seed, masks=h.masked_loss
         )
-        self.val_set = ImageCaptionDataset(held_out, self.transform(train=False))
+        held_out_transform = self.transform(train=False)
+        self.val_set = ImageCaptionDataset(held_out, held_out_transform, masks=h.masked_loss)
 
     def cached_datasets(self) -> list[tuple[ImageCaptionDataset, bool]]:
         sets = [(self.train_set, True)]

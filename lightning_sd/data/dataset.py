@@ -1,7 +1,7 @@
 """Scanned image records to training samples, decoded per sample or served from the cache.
 
 A sample is ``{"pixel_values" | "latents", "prompt", ("cond"), "loss_weight", "original_size",
-"crop_top_left", "target_size"}``: the module encodes what is not cached and weights each
+"crop_top_left", "target_size", ("mask")}``: the module encodes what is not cached and weights each
 sample's loss by ``loss_weight``.
 """
 
@@ -49,6 +49,9 @@ class ImageCaptionDataset(Dataset):
         loss_weight: every sample's loss weight (``prior_loss_weight`` for class images).
         repeats: how many times each image appears per epoch.
         seed: with the sample key, seeds each sample's crop, flip, caption and latent draws.
+        masks: emit each sample's loss ``mask`` (1, H, W) in [0, 1], cropped and flipped with
+            its image: from ``name.mask.png`` beside the image, else its alpha channel, else
+            full (``images.decode_mask``).
 
     Items are addressed by sample key (``lightning_sd.data.keys``): the index, plus the epoch
     that makes each epoch's draws new.
@@ -62,6 +65,7 @@ class ImageCaptionDataset(Dataset):
         loss_weight: float = 1.0,
         repeats: int = 1,
         seed: int = 0,
+        masks: bool = False,
     ):
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -71,6 +75,7 @@ class ImageCaptionDataset(Dataset):
         self.loss_weight = loss_weight
         self.repeats = repeats
         self.seed = seed
+        self.masks = masks
         self.cached: CachedView | None = None
 
     def __len__(self) -> int:
@@ -108,8 +113,12 @@ class ImageCaptionDataset(Dataset):
             if cached.sample_latents:
                 noise = torch.randn(entry["std"].shape, generator=gen).to(entry["std"])
             sample["latents"] = entry["mean"] + entry["std"] * noise
+            if self.masks:
+                sample["mask"] = entry["mask"]  # on the latent grid, flipped with the latents
         else:
             sample["pixel_values"] = self.transform.apply(record.open(), plan, flipped)
+        if self.masks and "mask" not in sample:
+            sample["mask"] = self.transform.apply_mask(record.open_mask(), plan, flipped)
         if cached is not None and cached.text_keys is not None:
             sample["cond"] = cached.cache.load("text", cached.text_keys[prompt])
         return sample

@@ -8,10 +8,20 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BadImageError", "MissingCaptionError", "decode_image", "list_images", "open_rgb"]
+__all__ = [
+    "BadImageError",
+    "MissingCaptionError",
+    "decode_image",
+    "decode_mask",
+    "list_images",
+    "mask_path",
+    "open_rgb",
+]
 
 # Files that live beside images in training folders and are not images themselves.
 SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".jsonl", ".csv", ".npz", ".safetensors"}
+#: A loss mask beside its image: ``cat.jpg`` + ``cat.mask.png`` (white trains, black is ignored).
+MASK_SUFFIX = ".mask.png"
 
 
 class BadImageError(ValueError):
@@ -41,6 +51,7 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
         for p in candidates
         if not any(part.startswith(".") for part in p.relative_to(folder).parts)
         and p.suffix.lower() not in SIDECAR_SUFFIXES
+        and not p.name.lower().endswith(MASK_SUFFIX)
     ]
     files = sorted(p for p in visible if p.is_file())
     _report_left_out(folder, visible, recursive, len(files))
@@ -89,15 +100,18 @@ def decode_image(
     data: bytes, name: str, background: tuple[int, int, int] = (255, 255, 255)
 ) -> Image.Image:
     """Decode encoded image bytes to an upright RGB image; ``name`` goes into error messages."""
+    return to_rgb(_decode_upright(data, name), background)
+
+
+def _decode_upright(data: bytes, name: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decode now: a truncated file must fail here, not in a worker later
-            im = ImageOps.exif_transpose(im)
+            return ImageOps.exif_transpose(im)
     except UnidentifiedImageError as err:
         raise BadImageError(f"{name}: not a readable image file ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImageError(f"{name}: corrupt or truncated image ({err})") from err
-    return to_rgb(im, background)
 
 
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -118,3 +132,31 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) 
         canvas = Image.new("RGBA", rgba.size, background + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def mask_path(image: Path) -> Path:
+    """Where an image's loss mask lives: ``cat.jpg`` -> ``cat.mask.png``."""
+    return image.with_name(image.stem + MASK_SUFFIX)
+
+
+def decode_mask(image_data: bytes, mask_data: bytes | None, name: str) -> Image.Image:
+    """An image's loss mask as an upright 8-bit greyscale image of the image's size.
+
+    The mask file's luminance when there is one, else the image's alpha channel, else a full
+    mask (every pixel trains), so a set where only some images have masks still batches.
+
+    Raises:
+        BadImageError: a mask that does not decode, or whose size differs from the image's.
+    """
+    image = _decode_upright(image_data, name)
+    if mask_data is not None:
+        mask = _decode_upright(mask_data, f"{name} (its mask)").convert("L")
+        if mask.size != image.size:
+            raise BadImageError(
+                f"{name}: its mask is {mask.width}x{mask.height} px but the image is "
+                f"{image.width}x{image.height}: masks must match their image pixel for pixel"
+            )
+        return mask
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        return image.convert("RGBA").getchannel("A")
+    return Image.new("L", image.size, 255)

@@ -17,7 +17,13 @@ from typing import Any
 
 from PIL import Image
 
-from lightning_sd.data.images import BadImageError, MissingCaptionError, decode_image
+from lightning_sd.data.images import (
+    BadImageError,
+    MissingCaptionError,
+    decode_image,
+    decode_mask,
+    mask_path,
+)
 
 __all__ = ["DatasetRef", "FileRef", "ImageRecord", "SourceItem", "scan_items"]
 
@@ -33,6 +39,11 @@ class FileRef:
             return self.path.read_bytes()
         except OSError as err:
             raise BadImageError(f"{self.path}: cannot be read ({err})") from err
+
+    def read_mask(self) -> bytes | None:
+        """The bytes of the ``.mask.png`` beside the image, None when there is none."""
+        path = mask_path(self.path)
+        return FileRef(path).read() if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,10 @@ class DatasetRef:
         if cell.get("bytes"):
             return cell["bytes"]
         return FileRef(Path(cell["path"])).read()
+
+    def read_mask(self) -> None:
+        """Dataset rows carry no mask file; a mask comes from the image's alpha channel."""
+        return None
 
 
 ImageRef = FileRef | DatasetRef
@@ -101,6 +116,10 @@ class ImageRecord:
     def open(self) -> Image.Image:
         """The decoded, upright RGB image."""
         return decode_image(self.ref.read(), self.name)
+
+    def open_mask(self) -> Image.Image:
+        """The loss mask (``lightning_sd.data.images.decode_mask``): mask file, alpha or full."""
+        return decode_mask(self.ref.read(), self.ref.read_mask(), self.name)
 
 
 #: ``check(name, (height, width))`` raises :class:`BadImageError` for an unusable size.

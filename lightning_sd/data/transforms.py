@@ -125,12 +125,15 @@ class ImageTransform:
 
     def apply(self, image: Image.Image, plan: CropPlan, flipped: bool) -> torch.Tensor:
         """The planned crop of ``image`` as a float tensor in [-1, 1], shape (3, H, W)."""
-        x = F.pil_to_tensor(image)
-        x = F.resize(x, list(plan.resized), interpolation=F.InterpolationMode.BILINEAR)
-        x = F.crop(x, plan.top, plan.left, *plan.target)
-        if flipped:
-            x = F.horizontal_flip(x)
-        return x.float() / 127.5 - 1.0
+        return _place(image, plan, flipped).float() / 127.5 - 1.0
+
+    def apply_mask(self, mask: Image.Image, plan: CropPlan, flipped: bool) -> torch.Tensor:
+        """The same crop and flip of an image's greyscale loss mask, in [0, 1], shape (1, H, W).
+
+        Resized, cropped and mirrored exactly as :meth:`apply` treats the image, so each mask
+        pixel stays on the image pixel it was drawn on.
+        """
+        return _place(mask.convert("L"), plan, flipped).float() / 255.0
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
         """A random (or fixed) view of ``image`` with its micro-conditioning tensors."""
@@ -149,3 +152,11 @@ def micro_conditioning(plan: CropPlan, flipped: bool) -> dict[str, torch.Tensor]
         "crop_top_left": torch.tensor(plan.crop_top_left(flipped)),
         "target_size": torch.tensor(plan.target),
     }
+
+
+def _place(image: Image.Image, plan: CropPlan, flipped: bool) -> torch.Tensor:
+    """Resize, crop and flip a PIL image as planned: uint8 (C, H, W)."""
+    x = F.pil_to_tensor(image)
+    x = F.resize(x, list(plan.resized), interpolation=F.InterpolationMode.BILINEAR)
+    x = F.crop(x, plan.top, plan.left, *plan.target)
+    return F.horizontal_flip(x) if flipped else x

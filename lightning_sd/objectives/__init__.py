@@ -2,10 +2,13 @@
 
 A :class:`DiffusionObjective` combines a :class:`Parameterization` (what the network predicts),
 a :class:`SigmaSampler` (which noise levels it trains on), a :class:`Weighting` (how each noise
-level counts) and the checkpoint's :class:`DiscreteSchedule`.
+level counts), a :class:`Distance` (how an output error counts) and the checkpoint's
+:class:`DiscreteSchedule`.
 """
 
+from lightning_sd.objectives.distance import Distance, Huber, SmoothL1, SquaredError
 from lightning_sd.objectives.flow import FlowMatching, FlowSchedule, FlowTimesteps, SD3Weighting
+from lightning_sd.objectives.noise import PyramidNoise
 from lightning_sd.objectives.objective import DiffusionObjective, Model
 from lightning_sd.objectives.parameterization import (
     EDM,
@@ -21,8 +24,15 @@ from lightning_sd.objectives.sigma_sampling import (
     DiscreteUniform,
     LogNormal,
     SigmaSampler,
+    TimestepBias,
 )
-from lightning_sd.objectives.weighting import Canonical, EDMWeighting, MinSNR, Weighting
+from lightning_sd.objectives.weighting import (
+    Canonical,
+    DebiasedEstimation,
+    EDMWeighting,
+    MinSNR,
+    Weighting,
+)
 
 __all__ = [
     "FlowMatching",
@@ -31,6 +41,13 @@ __all__ = [
     "SD3Weighting",
     "EDM",
     "Canonical",
+    "DebiasedEstimation",
+    "Distance",
+    "Huber",
+    "PyramidNoise",
+    "SmoothL1",
+    "SquaredError",
+    "TimestepBias",
     "DiffusionObjective",
     "DiscreteLogitNormal",
     "DiscreteSchedule",

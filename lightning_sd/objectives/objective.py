@@ -4,8 +4,8 @@ With x = x0 + sigma * eps and D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) 
 2022, eq. 7), the x0-space error factors as ||D - x0||^2 = c_out^2 ||F - (x0 - c_skip x)/c_out||^2
 (eq. 8). So the loss is an MSE in network-output space against that target, weighted per sample
 by lambda(sigma) c_out^2. The parameterization picks the c's, the sigma sampler picks sigma, the
-weighting picks lambda, the schedule maps sigma to c_noise; nothing here branches on what the
-network predicts.
+weighting picks lambda, the distance how an error counts (squared, or a robust pseudo-Huber),
+the schedule maps sigma to c_noise; nothing here branches on what the network predicts.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sd.objectives.distance import Distance, SquaredError
+from lightning_sd.objectives.masking import reduce_per_sample
+from lightning_sd.objectives.noise import PyramidNoise
 from lightning_sd.objectives.parameterization import EDM, Epsilon, Parameterization
 from lightning_sd.objectives.schedule import DiscreteSchedule, EDMSchedule
 from lightning_sd.objectives.sigma_sampling import DiscreteUniform, SigmaSampler
@@ -49,9 +52,13 @@ class DiffusionObjective(nn.Module):
         sigma_sampler: Training noise-level distribution. Defaults to :class:`DiscreteUniform`.
         weighting: Per-sample loss weight. Defaults to :class:`Canonical` (plain MSE on the
             network output, what the diffusers scripts do without ``--snr_gamma``).
+        distance: How an output error counts. Defaults to :class:`SquaredError` (the MSE);
+            :class:`Huber` / :class:`SmoothL1` are kohya's robust pseudo-Huber losses.
         noise_offset: Adds ``noise_offset * randn(B, C, 1, 1)`` to the drawn noise so the model
             can learn to change an image's mean brightness (Guttenberg 2023); ~0.05-0.1 is
             typical. 0 disables it.
+        pyramid_noise: Multi-resolution noise (:class:`PyramidNoise`), applied after the
+            offset as kohya applies it; None disables it.
         input_perturbation: Feeds the network noise perturbed by
             ``input_perturbation * randn_like(noise)`` while regressing on the unperturbed noise,
             to reduce exposure bias (Ning et al. 2023); 0.1 in the paper. 0 disables it.
@@ -67,7 +74,9 @@ class DiffusionObjective(nn.Module):
         parameterization: Parameterization | None = None,
         sigma_sampler: SigmaSampler | None = None,
         weighting: Weighting | None = None,
+        distance: Distance | None = None,
         noise_offset: float = 0.0,
+        pyramid_noise: PyramidNoise | None = None,
         input_perturbation: float = 0.0,
         zero_terminal_snr: bool = False,
         schedule: DiscreteSchedule | None = None,
@@ -78,7 +87,9 @@ class DiffusionObjective(nn.Module):
         self.parameterization = parameterization if parameterization is not None else Epsilon()
         self.sigma_sampler = sigma_sampler if sigma_sampler is not None else DiscreteUniform()
         self.weighting = weighting if weighting is not None else Canonical()
+        self.distance = distance if distance is not None else SquaredError()
         self.noise_offset = noise_offset
+        self.pyramid_noise = pyramid_noise
         self.input_perturbation = input_perturbation
         self.zero_terminal_snr = zero_terminal_snr
         self.schedule: DiscreteSchedule | None = None
@@ -142,6 +153,7 @@ class DiffusionObjective(nn.Module):
         noise: Tensor | None = None,
         sigma: Tensor | None = None,
         generator: torch.Generator | None = None,
+        mask: Tensor | None = None,
         **cond: Any,
     ) -> Tensor:
         """Per-sample weighted denoising loss.
@@ -154,6 +166,9 @@ class DiffusionObjective(nn.Module):
                 Drawn when None.
             sigma: Fixed noise levels [B] (or a scalar); drawn from the sigma sampler when None.
             generator: Random source for whatever is drawn.
+            mask: Per-pixel loss weights in [0, 1], (B, 1, H, W) at the latent grid or any whole
+                multiple of it (e.g. the image's pixels); area-averaged onto the grid, and the
+                per-sample loss is the weighted mean (``masking.py``). None weighs all equally.
             **cond: Conditioning passed through to ``model`` (e.g. encoder_hidden_states).
 
         Returns:
@@ -171,6 +186,8 @@ class DiffusionObjective(nn.Module):
             if self.noise_offset:  # Guttenberg 2023: per-channel constant shift
                 offset_shape = tuple(x0.shape[:2]) + (1,) * (x0.ndim - 2)
                 noise = noise + self.noise_offset * _randn(offset_shape, x0_32, generator)
+            if self.pyramid_noise is not None:  # Whitaker 2023, after the offset as in kohya
+                noise = self.pyramid_noise(noise, generator)
             net_noise = noise
             if self.input_perturbation:  # Ning et al. 2023: perturb the input, not the target
                 net_noise = noise + self.input_perturbation * _randn(
@@ -185,8 +202,8 @@ class DiffusionObjective(nn.Module):
         x = x0_32 + _append_dims(sigma, x0.ndim) * net_noise
         prediction = model((c_in * x).to(x0.dtype), schedule.sigma_to_t(sigma), **cond)
         target = self.target(x0_32, noise, sigma)
-        mse = (prediction.float() - target).pow(2).flatten(1).mean(1)
-        return self.weighting(sigma, scalings) * mse
+        error = self.distance(prediction.float(), target, sigma, schedule)
+        return self.weighting(sigma, scalings) * reduce_per_sample(error, mask)
 
     def target(self, x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
         """The network-output target (x0 - c_skip x) / c_out for x = x0 + sigma * noise.
@@ -229,7 +246,8 @@ class DiffusionObjective(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"parameterization={self.parameterization}, sigma_sampler={self.sigma_sampler}, "
-            f"weighting={self.weighting}, noise_offset={self.noise_offset}, "
+            f"weighting={self.weighting}, distance={self.distance}, "
+            f"noise_offset={self.noise_offset}, pyramid_noise={self.pyramid_noise}, "
             f"input_perturbation={self.input_perturbation}, "
             f"zero_terminal_snr={self.zero_terminal_snr}"
         )

@@ -7,6 +7,8 @@ exactly the noise levels (and integer timesteps) it was pretrained on.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -177,3 +179,80 @@ class LogNormal(SigmaSampler):
 
     def __repr__(self) -> str:
         return f"LogNormal(P_mean={self.P_mean}, P_std={self.P_std})"
+
+
+class TimestepBias(_DiscreteTimesteps):
+    """Integer timesteps drawn with a bias towards part of the schedule.
+
+    The weights are diffusers' ``generate_timestep_weights`` (SDXL text-to-image example):
+    one per timestep, times ``multiplier`` on the biased ones, normalised; timesteps are then
+    drawn by ``torch.multinomial`` with replacement, as that script draws them.
+
+    Args:
+        strategy: ``earlier`` biases the first ``portion`` of the timesteps (low noise,
+            detail), ``later`` the last ``portion`` (high noise, composition), ``range`` the
+            timesteps in [begin, end); ``none`` draws uniformly.
+        multiplier: Weight of the biased timesteps relative to the others; > 1 favours them,
+            < 1 (but > 0) avoids them.
+        portion: Share of the timesteps ``earlier`` / ``later`` bias (``int(portion * T)``).
+        begin: First biased timestep of ``range`` (inclusive).
+        end: End of ``range`` (exclusive); at most the schedule's length.
+    """
+
+    def __init__(
+        self,
+        strategy: Literal["none", "earlier", "later", "range"] = "none",
+        multiplier: float = 1.0,
+        portion: float = 0.25,
+        begin: int = 0,
+        end: int = 1000,
+    ) -> None:
+        if strategy not in ("none", "earlier", "later", "range"):
+            raise ValueError(f"strategy must be none, earlier, later or range, got {strategy!r}")
+        if multiplier <= 0:
+            raise ValueError(
+                f"multiplier must be positive, got {multiplier}; to train on part of the "
+                "schedule only, use DiscreteUniform(min_timestep, max_timestep)"
+            )
+        if not 0 <= portion <= 1:
+            raise ValueError(f"portion must be in [0, 1], got {portion}")
+        if not 0 <= begin < end:
+            raise ValueError(f"need 0 <= begin < end, got {begin}, {end}")
+        super().__init__()
+        self.strategy = strategy
+        self.multiplier = multiplier
+        self.portion = portion
+        self.begin = begin
+        self.end = end
+
+    def weights(self, num_timesteps: int) -> Tensor:
+        """The normalised probability of each timestep."""
+        weights = torch.ones(num_timesteps)
+        count = int(self.portion * num_timesteps)
+        if self.strategy == "range" and self.end > num_timesteps:
+            raise ValueError(f"range end {self.end} exceeds the schedule's {num_timesteps} steps")
+        biased = {
+            "none": slice(0, 0),
+            "earlier": slice(0, count),
+            "later": slice(num_timesteps - count, None),
+            "range": slice(self.begin, self.end),
+        }[self.strategy]
+        weights[biased] *= self.multiplier
+        return weights / weights.sum()
+
+    def _timesteps(
+        self,
+        batch_size: int,
+        low: int,
+        high: int,
+        generator: torch.Generator | None,
+        device: torch.device | str,
+    ) -> Tensor:
+        weights = self.weights(high).to(device)
+        return torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+
+    def __repr__(self) -> str:
+        return (
+            f"TimestepBias(strategy={self.strategy!r}, multiplier={self.multiplier}, "
+            f"portion={self.portion}, begin={self.begin}, end={self.end})"
+        )

@@ -81,3 +81,29 @@ class EDMWeighting(Weighting):
 
     def __repr__(self) -> str:
         return f"EDMWeighting(sigma_data={self.sigma_data})"
+
+
+class DebiasedEstimation(Weighting):
+    """Debiased estimation (Yu et al. 2023): the epsilon loss weighted by 1 / sqrt(SNR).
+
+    In x0 space lambda = SNR / sqrt(min(SNR, snr_max)), so the epsilon weight is exactly kohya
+    sd-scripts' ``apply_debiased_estimation``, 1 / sqrt(min(SNR, 1000)) (its clamp keeps the
+    weight finite near t = 0), and the v weight follows from the same lambda:
+    sqrt(SNR) / (SNR + 1) below the clamp. kohya's v form 1 / (SNR + 1) is not the paper's
+    weighting (it is lambda = 1); the objective here has no v-specific branch to copy it into.
+
+    Args:
+        snr_max: Clamp on the SNR inside the square root; kohya's 1000.
+    """
+
+    def __init__(self, snr_max: float = 1000.0) -> None:
+        if snr_max <= 0:
+            raise ValueError(f"snr_max must be positive, got {snr_max}")
+        self.snr_max = snr_max
+
+    def __call__(self, sigma: Tensor, scalings: Scalings) -> Tensor:
+        snr = sigma.float() ** -2
+        return snr * snr.clamp(max=self.snr_max).rsqrt() * scalings.c_out.float() ** 2
+
+    def __repr__(self) -> str:
+        return f"DebiasedEstimation(snr_max={self.snr_max})"
