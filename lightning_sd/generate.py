@@ -16,10 +16,15 @@ from lightning_sd.embeddings import EMBEDDINGS_NAME
 from lightning_sd.families import ModelFamily, check_family, family_from_index
 from lightning_sd.generation import generate_images
 from lightning_sd.grid import image_grid, save_image_atomic
-from lightning_sd.lora_check import check_architecture, read_lora_file, warn_if_no_scale
+from lightning_sd.lora_check import (
+    check_architecture,
+    lora_file,
+    read_lora_file,
+    warn_if_no_scale,
+)
 from lightning_sd.lora_io import (
-    LORA_WEIGHT_NAME,
     METADATA_KEY,
+    LoRAFileError,
     read_safetensors,
     read_safetensors_metadata,
 )
@@ -53,13 +58,9 @@ def _quiet_missing_text_encoder_keys():
             logger.removeFilter(note)
 
 
-def _weight_file(path: Path) -> Path:
-    return path / LORA_WEIGHT_NAME if path.is_dir() else path
-
-
 def _training_facts(path: Path) -> dict:
     """The ``lightning_sd`` header of a LoRA file or export folder (empty for foreign files)."""
-    header = read_safetensors_metadata(_weight_file(path))
+    header = read_safetensors_metadata(lora_file(path))  # refuses pickles and missing files
     return json.loads(header.get(METADATA_KEY, "{}"))
 
 
@@ -83,10 +84,21 @@ def _objective(facts: list[dict], family: ModelFamily, scheduler) -> DiffusionOb
     return objective
 
 
-def _family(facts: list[dict], index: dict, base: str) -> ModelFamily:
-    """The base's family, with the settings the files were trained with (SD3's T5 length)."""
+def _family(paths: list[Path], facts: list[dict], index: dict, base: str) -> ModelFamily:
+    """The base's family, with the settings the files were trained with (SD3's T5 length).
+
+    A file trained on another family is refused here, before any weight is read.
+    """
+    detected = family_from_index(index)
+    for path, file_facts in zip(paths, facts, strict=True):
+        trained = file_facts.get("family_config")
+        if trained and type(from_config(trained)) is not type(detected):
+            raise LoRAFileError(
+                f"{path} is a LoRA for an {from_config(trained).description} base, but {base} "
+                f"is {detected.description}: use a base of the family it was trained on"
+            )
     config = _agreed(facts, "family_config", "family settings")
-    return check_family(from_config(config) if config else None, family_from_index(index), base)
+    return check_family(from_config(config) if config else None, detected, base)
 
 
 def _load_embeddings(
@@ -165,7 +177,7 @@ def generate(
         raise ValueError(f"{len(loras)} LoRA files but {len(scales)} lora_scales")
     facts = [_training_facts(path) for path in loras]
     index = _model_index(pretrained_model_name_or_path, revision)
-    family = _family(facts, index, pretrained_model_name_or_path)
+    family = _family(loras, facts, index, pretrained_model_name_or_path)
     pipe = family.pipeline_class().from_pretrained(
         resolve_model(pretrained_model_name_or_path),
         revision=revision,

@@ -280,6 +280,8 @@ class StableDiffusionLoRA(LightningModule):
 
     def fully_trained_components(self) -> dict[str, torch.nn.Module]:
         """The parts trained in full (adapter kind ``full``), by their diffusers names."""
+        if self.family is None:  # nothing loaded yet
+            return {}
         configs = {self.family.denoiser_name: self.adapter, **self.text_encoder_adapters()}
         parts = self.adapted_components()
         return {

@@ -31,7 +31,12 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
         ],
         run=False,
     )
-    assert isinstance(cli.model.objective, DiffusionObjective)
+    # A config that names an objective builds it; otherwise the base's scheduler chooses it
+    # when the model is loaded (configure_model).
+    if "objective:" in config.read_text():
+        assert isinstance(cli.model.objective, DiffusionObjective)
+    else:
+        assert cli.model.objective is None
     assert cli.datamodule is not None and cli.trainer.max_steps > 0
 
 

@@ -391,7 +391,7 @@ def test_vae_by_path_and_sd1_adapter_errors(tiny_sdxl_dir, tiny_playground_dir, 
     module.configure_model()
     assert module.vae.config.latents_mean is not None  # the given VAE, not the pipeline's
     sd1 = StableDiffusionLoRA(str(tiny_pipeline_dir), text_encoder_2_adapter=AdapterConfig())
-    with pytest.raises(ValueError, match="no second text encoder"):
+    with pytest.raises(ValueError, match="pipeline without text_encoder_2"):
         sd1.configure_model()
     assert unet_conditioning({"encoder_hidden_states": torch.zeros(1)}).keys() == {
         "encoder_hidden_states"
