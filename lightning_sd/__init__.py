@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "Euler": "lightning_sd.sampling",
     "Heun": "lightning_sd.sampling",
     "DPMPP2M": "lightning_sd.sampling",
+    "SamplingSpec": "lightning_sd.sampling_spec",
     # data
     "DreamBoothDataModule": "lightning_sd.data",
     "CaptionDataModule": "lightning_sd.data",
