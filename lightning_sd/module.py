@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing
 import warnings
+from typing import ClassVar
 
 import torch
 from lightning import LightningModule
@@ -283,6 +284,18 @@ class StableDiffusionLoRA(LightningModule):
             "steps": self.trainer.global_step if self._trainer is not None else None,
             "lightning_sd_version": __version__,
         }
+
+    # Settings known not to change what ``text_embeddings`` returns; every other hparam (clip
+    # skip, pivotal tokens, settings added later) keys the text cache, so none is served stale.
+    TRAINING_ONLY_HPARAMS: ClassVar[frozenset[str]] = frozenset({
+        "adapter", "objective", "learning_rate", "text_encoder_lr", "text_encoder_2_lr",
+        "optimizer", "lr_scheduler", "lr_warmup_steps", "lr_power", "heldout_seed",
+        "vae_name_or_path", "gradient_checkpointing", "channels_last",
+    })  # fmt: skip
+
+    def text_settings(self) -> dict:
+        """The settings that may change ``text_embeddings``: what keys cached embeddings."""
+        return {k: v for k, v in self.hparams.items() if k not in self.TRAINING_ONLY_HPARAMS}
 
     def denoiser_fn(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """The denoiser as the objective calls it: ``model(x_in, t, **cond) -> output``."""

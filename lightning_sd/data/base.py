@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_sd.data.buckets import BucketBatchSampler
 from lightning_sd.data.cache import LatentCache
 from lightning_sd.data.caching import CacheStats, fill_cache
-from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.loader import ResumableDataLoader
 
 if TYPE_CHECKING:
@@ -65,9 +64,12 @@ class ImageDataModule(LightningDataModule):
     def caching(self) -> bool:
         return self.hparams.cache_latents or self.hparams.cache_text_embeddings
 
-    def cached_datasets(self) -> list[tuple[ImageCaptionDataset, bool]]:
-        """(dataset, draw latents from the posterior) for every dataset the cache serves."""
+    def cached_datasets(self) -> dict[str, bool]:
+        """Attribute name -> draw latents from the posterior, for every dataset the cache serves."""
         raise NotImplementedError
+
+    def _assemble(self) -> None:
+        """Rebuild what wraps the served datasets (DreamBooth's pairs); called after filling."""
 
     def fill_cache(self, module: StableDiffusionLoRA) -> CacheStats | None:
         """Encode what the cache lacks with ``module`` and serve the datasets from it.
@@ -84,8 +86,10 @@ class ImageDataModule(LightningDataModule):
             rank, world = self.trainer.global_rank, self.trainer.world_size
             barrier = lambda: strategy.barrier("lightning_sd_cache")  # noqa: E731
         module.configure_model()  # idempotent; a no-op under a Trainer
-        self.cache_stats = fill_cache(
-            self.cached_datasets(),
+        served = self.cached_datasets()
+        datasets = [(getattr(self, name), sample) for name, sample in served.items()]
+        self.cache_stats, views = fill_cache(
+            datasets,
             module,
             LatentCache(h.cache_dir or default_cache_dir()),
             latents=h.cache_latents,
@@ -95,6 +99,10 @@ class ImageDataModule(LightningDataModule):
             world_size=world,
             barrier=barrier,
         )
+        # Cached copies replace the datasets; the ones setup built are left as they were.
+        for name, (dataset, _), view in zip(served, datasets, views, strict=True):
+            setattr(self, name, dataset.served_from(view))
+        self._assemble()
         return self.cache_stats
 
     def _fill_cache_from_trainer(self) -> None:

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from lightning_sd.data.base import ImageDataModule, check_positive
 from lightning_sd.data.buckets import make_buckets
+from lightning_sd.data.caching import check_fixed_crops
 from lightning_sd.data.captions import CaptionTransform
 from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.records import ImageRecord, scan_items
@@ -101,11 +102,7 @@ class CaptionDataModule(ImageDataModule):
         check_positive(resolution=resolution, batch_size=batch_size, repeats=repeats)
         # Checkpoints hold plain data: the source is stored in its YAML form.
         self.source = from_config(source) if isinstance(source, dict) else source
-        if cache_latents and not (center_crop or bucketing):
-            raise ValueError(
-                "cache_latents needs a fixed crop per image: set center_crop: true or "
-                "bucketing: true (random crops change the pixels every step)"
-            )
+        check_fixed_crops(cache_latents, center_crop or bucketing)
         if cache_text_embeddings and shuffle_tags:
             raise ValueError("cache_text_embeddings cannot serve shuffled tags: choose one")
         self.captions = CaptionTransform(caption_dropout, shuffle_tags, keep_tokens)
@@ -139,9 +136,8 @@ class CaptionDataModule(ImageDataModule):
         held_out_transform = self.transform(train=False)
         self.val_set = ImageCaptionDataset(held_out, held_out_transform, masks=h.masked_loss)
 
-    def cached_datasets(self) -> list[tuple[ImageCaptionDataset, bool]]:
-        sets = [(self.train_set, True)]
-        return sets + ([(self.val_set, False)] if len(self.val_set) else [])
+    def cached_datasets(self) -> dict[str, bool]:
+        return {"train_set": True} | ({"val_set": False} if len(self.val_set) else {})
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None or len(self.val_set) == 0:

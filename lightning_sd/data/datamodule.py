@@ -7,6 +7,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_sd.data.base import ImageDataModule, check_positive
+from lightning_sd.data.caching import check_fixed_crops
 from lightning_sd.data.class_images import count_images, generate_class_images
 from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.dreambooth import InstanceDataset, PriorPreservationDataset, collate_pairs
@@ -82,11 +83,7 @@ class DreamBoothDataModule(ImageDataModule):
         check_positive(resolution=resolution, batch_size=batch_size, repeats=repeats)
         if class_data_dir is not None and not class_prompt:
             raise ValueError("class_data_dir is set but class_prompt is not: name the class")
-        if cache_latents and not center_crop:
-            raise ValueError(
-                "cache_latents needs a fixed crop per image: set center_crop: true "
-                "(random crops change the pixels every step, so their latents cannot be cached)"
-            )
+        check_fixed_crops(cache_latents, center_crop, "center_crop: true")
         self.save_hyperparameters()
 
     @property
@@ -134,21 +131,24 @@ class DreamBoothDataModule(ImageDataModule):
         self.instance_set = InstanceDataset(
             h.instance_data_dir, h.instance_prompt, train, h.repeats, 1.0, skip, h.seed
         )
-        self.train_set = self.instance_set
         self.class_set = None
         if self.prior_preservation:
             self.class_set = InstanceDataset(
-                h.class_data_dir, h.class_prompt, train, 1, h.prior_loss_weight, skip, h.seed + 1
-            )
-            # Only the first num_class_images: a folder may hold more than this run asked for.
-            self.class_set.records = self.class_set.records[: h.num_class_images]
-            self.train_set = PriorPreservationDataset(self.instance_set, self.class_set)
+                h.class_data_dir, h.class_prompt, train, 1, h.prior_loss_weight, skip, h.seed + 1,
+                max_images=h.num_class_images,
+            )  # fmt: skip
         held_out = ImageTransform(h.resolution, center_crop=True, random_flip=False)
         self.val_set = ImageCaptionDataset(self.instance_set.records, held_out)
+        self._assemble()
 
-    def cached_datasets(self) -> list[tuple[ImageCaptionDataset, bool]]:
-        sets = [(self.instance_set, True), (self.val_set, False)]
-        return sets + ([(self.class_set, True)] if self.class_set is not None else [])
+    def _assemble(self) -> None:
+        self.train_set = self.instance_set
+        if self.class_set is not None:
+            self.train_set = PriorPreservationDataset(self.instance_set, self.class_set)
+
+    def cached_datasets(self) -> dict[str, bool]:
+        sets = {"instance_set": True, "val_set": False}
+        return sets | ({"class_set": True} if self.class_set is not None else {})
 
     def train_dataloader(self) -> DataLoader:
         if not self.prior_preservation:
