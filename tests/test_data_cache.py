@@ -50,7 +50,11 @@ def test_cached_latents_and_embeddings_equal_fresh_ones(module, photos, tmp_path
         cache_latents=True, cache_text_embeddings=True,
     )  # fmt: skip
     dm.setup("fit")
+    built = dm.train_set
     stats = dm.fill_cache(module)
+    # The fill serves cached copies and leaves the datasets setup built as they were.
+    assert built.cached is None and dm.train_set.cached is not None
+    assert dm.train_set is not built and dm.train_set.records is built.records
     # 4 training images x (image, mirror) + 2 held-out images unflipped; 6 captions.
     assert stats == CacheStats(latents_encoded=10, latents_cached=0, texts_encoded=6)
     cache = LatentCache(tmp_path)

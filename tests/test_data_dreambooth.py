@@ -138,3 +138,13 @@ def test_dreambooth_prior_recipe_generates_class_images_and_fits(
     generated = sorted(p.name for p in class_folder.iterdir())
     assert generated == [f"class_{i:05d}.png" for i in range(8)]  # num_class_images: 8
     assert list(tmp_path.rglob("pytorch_lora_weights.safetensors"))
+
+
+def test_a_class_folder_with_more_images_serves_only_num_class_images(instance_dir, class_dir):
+    dm = DreamBoothDataModule(
+        str(instance_dir), INSTANCE, resolution=32, batch_size=2,
+        class_data_dir=str(class_dir), class_prompt=CLASS, num_class_images=3,
+    )  # fmt: skip
+    dm.setup("fit")
+    assert [r.ref.path.name for r in dm.class_set.records] == ["0.png", "1.png", "2.png"]
+    assert dm.train_set.prior is dm.class_set and len(dm.train_set) == 8
