@@ -21,6 +21,7 @@ import torch
 from lightning import Callback
 
 from lightning_sd.atomic import write_atomic
+from lightning_sd.data.settings import CacheSettings, LoaderSettings
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 SKIMAGE_PHOTOS = ["astronaut", "coffee", "rocket", "chelsea", "immunohistochemistry",
@@ -294,11 +295,16 @@ def make_datamodule(photos: Path, resolution: int, batch_size: int,
 
     cached = cache_dir is not None
     return CaptionDataModule(
-        SidecarCaptions(str(photos)), resolution=resolution, center_crop=True, random_flip=True,
-        batch_size=batch_size, validation_split=validation_split, seed=seed,
-        cache_dir=str(cache_dir) if cached else None, cache_latents=cached,
-        cache_text_embeddings=cached,
-    )  # fmt: skip
+        SidecarCaptions(str(photos)),
+        resolution=resolution,
+        center_crop=True,
+        random_flip=True,
+        validation_split=validation_split,
+        loader=LoaderSettings(batch_size=batch_size, seed=seed),
+        cache=CacheSettings(
+            dir=str(cache_dir) if cached else None, latents=cached, text_embeddings=cached
+        ),
+    )
 
 
 def trainer_kwargs(device: str, precision: str, max_steps: int) -> dict:

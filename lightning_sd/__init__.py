@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     # data
     "DreamBoothDataModule": "lightning_sd.data",
     "CaptionDataModule": "lightning_sd.data",
+    "LoaderSettings": "lightning_sd.data.settings",
+    "CacheSettings": "lightning_sd.data.settings",
     # callbacks
     "LoRAExport": "lightning_sd.callbacks",
     "ValidationSampling": "lightning_sd.callbacks",

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
 from lightning_sd.callbacks.evaluation import Evaluation
+from lightning_sd.data.settings import LoaderSettings
 from lightning_sd.metrics import (
     CLIPMetrics,
     DINOSimilarity,
@@ -193,7 +194,9 @@ def test_missing_weights_fail_before_the_first_step(
 ):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     module = StableDiffusionLoRA(str(tiny_pipeline_dir))
-    data = DreamBoothDataModule(str(instance_dir), PROMPT, resolution=32, batch_size=2)
+    data = DreamBoothDataModule(
+        str(instance_dir), PROMPT, resolution=32, loader=LoaderSettings(batch_size=2)
+    )
     counter = StepCounter()
     evaluation = Evaluation([metric], SamplingSpec([PROMPT], [0, 1]))
     trainer = Trainer(max_steps=2, logger=False, callbacks=[evaluation, counter], **QUIET)
@@ -226,7 +229,9 @@ def evaluated_fit(tiny_pipeline_dir, instance_dir, tiny_clip, tiny_dino, tmp_pat
     module = StableDiffusionLoRA(str(tiny_pipeline_dir), adapter=AdapterConfig(rank=4, alpha=8))
     module.configure_model()
     n_params = sum(p.numel() for p in module.parameters())
-    data = DreamBoothDataModule(str(instance_dir), PROMPT, resolution=32, batch_size=2)
+    data = DreamBoothDataModule(
+        str(instance_dir), PROMPT, resolution=32, loader=LoaderSettings(batch_size=2)
+    )
     metrics = [
         CLIPMetrics(f"local-dir:{tiny_clip[1]}", None),
         FrechetDistance(PooledPixels()),

@@ -12,6 +12,7 @@ from PIL import Image, ImageFont
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
 from lightning_sd.callbacks.validation_sampling import ValidationSampling, log_grid
+from lightning_sd.data.settings import LoaderSettings
 from lightning_sd.metrics.samples import undisturbed
 from lightning_sd.sampling import Euler
 from lightning_sd.sampling_spec import SamplingSpec, sample_grid
@@ -38,7 +39,11 @@ def fit(pipeline, instance_dir, root, callbacks, logger=False):
         str(pipeline), adapter=AdapterConfig(rank=4, alpha=8), learning_rate=1e-2
     )
     data = DreamBoothDataModule(
-        str(instance_dir), "a photo of sks cat", resolution=32, batch_size=2, random_flip=True
+        str(instance_dir),
+        "a photo of sks cat",
+        resolution=32,
+        random_flip=True,
+        loader=LoaderSettings(batch_size=2),
     )
     recorder = LossRecorder()
     trainer = Trainer(
@@ -209,7 +214,7 @@ def test_two_ddp_ranks_finish_and_only_rank_0_samples(
     )
     module = StableDiffusionLoRA(str(tiny_pipeline_dir), adapter=AdapterConfig(rank=4))
     data = DreamBoothDataModule(
-        str(instance_dir), "a photo of sks cat", resolution=32, batch_size=2
+        str(instance_dir), "a photo of sks cat", resolution=32, loader=LoaderSettings(batch_size=2)
     )
     trainer = Trainer(
         accelerator="cpu",

@@ -110,7 +110,7 @@ def check_fixed_crops(
     """Latents are cacheable only when every image has one crop; ``fix`` says how to get one."""
     if cache_latents and not fixed:
         raise ValueError(
-            f"cache_latents needs a fixed crop per image, but random crops are on: set {fix} "
+            f"cache.latents needs a fixed crop per image, but random crops are on: set {fix} "
             "(random crops change the pixels every step, so their latents cannot be cached)"
         )
 
@@ -123,13 +123,13 @@ def check_cacheable(
     encoders = module.text_encoders().values()
     if text and any(p.requires_grad for e in encoders for p in e.parameters()):
         raise ValueError(
-            "cache_text_embeddings needs a frozen text encoder, but it trains (a LoRA or new "
-            "token embeddings): its outputs change every step; set cache_text_embeddings: false"
+            "cache.text_embeddings needs a frozen text encoder, but it trains (a LoRA or new "
+            "token embeddings): its outputs change every step; set cache.text_embeddings: false"
         )
     if text and dataset.captions is not None and dataset.captions.varies:
         raise ValueError(
-            "cache_text_embeddings cannot serve shuffled tags (every step makes a new caption): "
-            "set shuffle_tags: false or cache_text_embeddings: false"
+            "cache.text_embeddings cannot serve shuffled tags (every step makes a new caption): "
+            "set shuffle_tags: false or cache.text_embeddings: false"
         )
 
 
