@@ -81,6 +81,7 @@ def test_load_from_checkpoint_with_weights_only(tiny_pipeline_dir, tmp_path):
     module.configure_model()
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(module)
+    module.trainer = trainer
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     restored = StableDiffusionLoRA.load_from_checkpoint(tmp_path / "a.ckpt", weights_only=True)
     assert dict(restored.hparams) == dict(module.hparams)
