@@ -18,7 +18,7 @@ from lightning_sd.lora_io import read_safetensors
 
 PROMPT = "a photo of sks cat"
 CLIP_SKIP = 1
-TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+CONFIGS = Path(__file__).parents[1] / "configs"
 SAMPLING = """
 trainer:
   callbacks+:
@@ -37,14 +37,15 @@ trainer:
 
 @pytest.fixture(scope="module")
 def fitted(tiny_sd3_dir, instance_dir, tmp_path_factory):
-    """Three steps of ``lightning-sd fit`` (alpha != rank everywhere, clip skip 1) with a grid
-    at the last step; returns the CLI (its trained module) and the run folder."""
+    """Three steps of ``lightning-sd fit`` with the tiny SD3 recipe (alpha != rank everywhere,
+    clip skip 1) and a grid at the last step; returns the trained module and the run folder."""
     root = tmp_path_factory.mktemp("sd3_fit")
     sampling = root / "sampling.yaml"
     sampling.write_text(SAMPLING.format(dirpath=root / "samples"))
     cli = build_cli(
         [
-            "fit", "--config", str(TINY), "--config", str(sampling),
+            "fit", "--config", str(CONFIGS / "tiny.yaml"),
+            "--config", str(CONFIGS / "experiments" / "sd3_tiny.yaml"), "--config", str(sampling),
             "--model.pretrained_model_name_or_path", str(tiny_sd3_dir),
             "--data.instance_data_dir", str(instance_dir), "--data.batch_size", "2",
             "--trainer.default_root_dir", str(root), "--trainer.max_steps", "3",
