@@ -42,6 +42,7 @@ from _common import (  # noqa: E402
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA  # noqa: E402
 from lightning_sd.callbacks.export import export_adapters  # noqa: E402
+from lightning_sd.data.settings import LoaderSettings  # noqa: E402
 from lightning_sd.pretrained.subject import SUBJECT_PROMPT, SubjectProbe, subject_dir  # noqa: E402
 
 
@@ -51,10 +52,19 @@ def cell(kind, rank, seed, args, probe, base_samples, tmp: Path) -> dict:
         args.model, adapter=AdapterConfig(kind=kind, rank=rank), learning_rate=args.learning_rate,
         lr_warmup_steps=10,
     )  # fmt: skip
-    data = DreamBoothDataModule(str(subject_dir("instance")), SUBJECT_PROMPT, resolution=32,
-                                batch_size=4, random_flip=True)  # fmt: skip
-    held = DreamBoothDataModule(str(subject_dir("heldout")), SUBJECT_PROMPT, resolution=32,
-                                batch_size=5)  # fmt: skip
+    data = DreamBoothDataModule(
+        str(subject_dir("instance")),
+        SUBJECT_PROMPT,
+        resolution=32,
+        random_flip=True,
+        loader=LoaderSettings(batch_size=4),
+    )
+    held = DreamBoothDataModule(
+        str(subject_dir("heldout")),
+        SUBJECT_PROMPT,
+        resolution=32,
+        loader=LoaderSettings(batch_size=5),
+    )
     kwargs = trainer_kwargs("cpu", "32-true", args.steps)
     timer = StepTimer()
     Trainer(callbacks=[timer], limit_val_batches=0, **kwargs).fit(module, data)

@@ -81,6 +81,7 @@ def cell(kind: str, rank: int, seed: int, args, model: str, photos: Path, tmp: P
     """Train one adapter and measure it."""
     from lightning_sd.callbacks import Evaluation
     from lightning_sd.callbacks.export import export_adapters
+    from lightning_sd.sampling_spec import SamplingSpec
 
     seed_everything(seed, verbose=False)
     module = make_module(model, kind, rank, learning_rate=args.learning_rate)
@@ -92,8 +93,8 @@ def cell(kind: str, rank: int, seed: int, args, model: str, photos: Path, tmp: P
     before = Trainer(**kwargs).validate(module, dm, verbose=False)[0]["val/loss"]
     timer, memory = StepTimer(), PeakMemory(args.device)
     evaluation = Evaluation(
-        metrics(args, tmp), prompts, seeds=list(range(args.eval_seeds)), reference_dir=str(photos),
-        steps=args.eval_steps, after_training=True,
+        metrics(args, tmp), SamplingSpec(prompts, list(range(args.eval_seeds)), steps=args.eval_steps),
+        reference_dir=str(photos), after_training=True,
     )  # fmt: skip
     # The peak is read when training ends, before the evaluation samples.
     probe = LambdaCallback(on_train_start=lambda *_: memory.start(),

@@ -30,6 +30,7 @@ from lightning_sd.lora_io import (
 )
 from lightning_sd.objectives import DiffusionObjective
 from lightning_sd.sampling import DPMPP2M, Euler, Heun
+from lightning_sd.sampling_spec import SamplingSpec, sample_grid
 from lightning_sd.serialization import from_config
 
 __all__ = ["generate"]
@@ -148,7 +149,8 @@ def generate(
     SD1.x/2.x, SDXL-family (SDXL, Playground v2.5) and SD3 bases alike: the family comes from
     the base's ``model_index.json``. Prompts are encoded by the family's encoder, the one
     training and the validation grids use, with the clip skip (and SD3's T5 length) that the
-    LoRA file records; so the same LoRA, seed and settings give the grid's image.
+    LoRA file records; and the prompts x seeds are sampled as a :class:`SamplingSpec`, row by
+    row, as the validation grids are: so the same LoRA, seed and settings give the grid's image.
 
     Args:
         pretrained_model_name_or_path: the base pipeline (hub id or folder).
@@ -172,6 +174,9 @@ def generate(
     """
     loras = [Path(p) for p in loras or []]
     seeds = seeds if seeds is not None else [0]
+    spec = SamplingSpec(  # the callbacks' spec; bad settings fail here, before any loading
+        prompts, seeds, negative_prompt, steps, guidance_scale, SAMPLERS[sampler](), resolution
+    )
     scales = lora_scales if lora_scales is not None else [1.0] * len(loras)
     if len(scales) != len(loras):
         raise ValueError(f"{len(loras)} LoRA files but {len(scales)} lora_scales")
@@ -211,15 +216,17 @@ def generate(
             texts = [t.replace(abstraction, tokens) for t in texts]
         return family.text_embeddings(tokenizers, encoders, texts, clip_skip)
 
-    all_prompts = [p for p in prompts for _ in seeds]
-    all_seeds = [s for _ in prompts for s in seeds]
-    images = generate_images(
-        objective, family, getattr(pipe, family.denoiser_name), pipe.vae, encode, all_prompts, all_seeds, steps=steps,
-        guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-        resolution=resolution, sampler=SAMPLERS[sampler](),
-    )  # fmt: skip
+    denoiser = getattr(pipe, family.denoiser_name)
+
+    def sample_images(image_prompts: list[str], image_seeds: list[int], **settings):
+        return generate_images(
+            objective, family, denoiser, pipe.vae, encode, image_prompts, image_seeds, **settings
+        )
+
+    images = sample_grid(spec, sample_images)
     out = Path(out_dir)
     paths = []
+    all_seeds = [s for _ in prompts for s in spec.seeds]
     for i, (image, seed) in enumerate(zip(images, all_seeds, strict=True)):
         array = (image * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         paths.append(

@@ -8,9 +8,7 @@ fails with the names of the modules that do not match.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_sd.checkpoint_io import no_space_error
+from lightning_sd.atomic import atomic_path
 from lightning_sd.families.base import ModelFamily
 from lightning_sd.kohya import to_kohya
 
@@ -49,23 +47,10 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] 
     """``safetensors.torch.save_file`` through a temporary file and a rename: never half a file."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-        except Exception as err:  # safetensors raises its own error type with the OS message
-            if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
-                raise no_space_error(path, "file") from err
-            raise
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return Path(path)
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning_sd.atomic import write_atomic
 from lightning_sd.families.base import ModelFamily
 
 __all__ = ["write_model_card"]
@@ -108,8 +109,4 @@ def write_model_card(
             "",
         ]
     lines += ["## Files", ""] + [f"- `{p.name}` ({fmt})" for fmt, p in files.items()] + [""]
-    path = Path(out_dir) / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
+    return write_atomic(Path(out_dir) / "README.md", "\n".join(lines), "model card")

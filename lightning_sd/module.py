@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+import typing
 import warnings
+from typing import ClassVar
 
 import torch
 from lightning import LightningModule
@@ -23,8 +24,6 @@ from lightning_sd.optim import (
     OptimizerFactory,
     build_optimizer,
     lr_lambda,
-    optimizer_config,
-    optimizer_factory,
 )
 from lightning_sd.pivotal import ExtendedEmbedding, PivotalTuning, add_tokens
 from lightning_sd.resume import (
@@ -128,52 +127,30 @@ class StableDiffusionLoRA(LightningModule):
         )
         if lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
-        # Checkpoints restore from plain hparams (torch.load(weights_only=True) refuses classes),
-        # so the adapter and objective are stored in their YAML form and rebuilt from it.
-        if isinstance(adapter, dict):
-            adapter = AdapterConfig(**adapter)
-        if isinstance(text_encoder_adapter, dict):
-            text_encoder_adapter = AdapterConfig(**text_encoder_adapter)
-        if isinstance(text_encoder_2_adapter, dict):
-            text_encoder_2_adapter = AdapterConfig(**text_encoder_2_adapter)
-        if isinstance(pivotal_tuning, dict):
-            pivotal_tuning = PivotalTuning(**pivotal_tuning)
-        if isinstance(objective, dict):
-            objective = from_config(objective)
-        if isinstance(optimizer, dict):
-            optimizer = optimizer_factory(optimizer)
-        if isinstance(family, dict):
-            family = from_config(family)
-        self.family: ModelFamily | None = family
-        self.optimizer: OptimizerFactory | None = optimizer
-        self.adapter = adapter or AdapterConfig()
-        self.text_encoder_adapter = text_encoder_adapter
-        self.text_encoder_2_adapter = text_encoder_2_adapter
-        self.pivotal_tuning = pivotal_tuning
+        # Every part is stored the way YAML writes it (plain data: checkpoints load with
+        # torch.load(weights_only=True)) and rebuilt from that form by from_config.
+        given = {
+            "adapter": adapter,
+            "text_encoder_adapter": text_encoder_adapter,
+            "text_encoder_2_adapter": text_encoder_2_adapter,
+            "pivotal_tuning": pivotal_tuning,
+            "objective": objective,
+            "optimizer": optimizer,
+            "family": family,
+        }
+        hints = typing.get_type_hints(StableDiffusionLoRA.__init__)
+        parts = {name: from_config(value, hints[name]) for name, value in given.items()}
+        parts["adapter"] = parts["adapter"] or AdapterConfig()
+        self.save_hyperparameters(ignore=list(parts))
+        self.hparams.update({name: to_config(value) for name, value in parts.items()})
+        self.adapter: AdapterConfig = parts["adapter"]
+        self.text_encoder_adapter: AdapterConfig | None = parts["text_encoder_adapter"]
+        self.text_encoder_2_adapter: AdapterConfig | None = parts["text_encoder_2_adapter"]
+        self.pivotal_tuning: PivotalTuning | None = parts["pivotal_tuning"]
         # None until configure_model reads the base's scheduler (see default_objective).
-        self.objective: DiffusionObjective | None = objective
-        self.save_hyperparameters(
-            ignore=[
-                "adapter",
-                "text_encoder_adapter",
-                "text_encoder_2_adapter",
-                "pivotal_tuning",
-                "objective",
-                "optimizer",
-                "family",
-            ]
-        )
-        self.hparams["optimizer"] = optimizer_config(optimizer)
-        self.hparams["adapter"] = dataclasses.asdict(self.adapter)
-        self.hparams["text_encoder_adapter"] = text_encoder_adapter and dataclasses.asdict(
-            text_encoder_adapter
-        )
-        self.hparams["text_encoder_2_adapter"] = text_encoder_2_adapter and dataclasses.asdict(
-            text_encoder_2_adapter
-        )
-        self.hparams["pivotal_tuning"] = pivotal_tuning and dataclasses.asdict(pivotal_tuning)
-        self.hparams["objective"] = to_config(self.objective)
-        self.hparams["family"] = to_config(family)
+        self.objective: DiffusionObjective | None = parts["objective"]
+        self.optimizer: OptimizerFactory | None = parts["optimizer"]
+        self.family: ModelFamily | None = parts["family"]
         # The networks, set by configure_model under their diffusers names (unet or
         # transformer; text_encoder, text_encoder_2, text_encoder_3 as the family has them).
         self.vae = self.unet = self.transformer = None
@@ -307,6 +284,18 @@ class StableDiffusionLoRA(LightningModule):
             "steps": self.trainer.global_step if self._trainer is not None else None,
             "lightning_sd_version": __version__,
         }
+
+    # Settings known not to change what ``text_embeddings`` returns; every other hparam (clip
+    # skip, pivotal tokens, settings added later) keys the text cache, so none is served stale.
+    TRAINING_ONLY_HPARAMS: ClassVar[frozenset[str]] = frozenset({
+        "adapter", "objective", "learning_rate", "text_encoder_lr", "text_encoder_2_lr",
+        "optimizer", "lr_scheduler", "lr_warmup_steps", "lr_power", "heldout_seed",
+        "vae_name_or_path", "gradient_checkpointing", "channels_last",
+    })  # fmt: skip
+
+    def text_settings(self) -> dict:
+        """The settings that may change ``text_embeddings``: what keys cached embeddings."""
+        return {k: v for k, v in self.hparams.items() if k not in self.TRAINING_ONLY_HPARAMS}
 
     def denoiser_fn(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """The denoiser as the objective calls it: ``model(x_in, t, **cond) -> output``."""
