@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "CaptionDataModule": "lightning_sd.data",
     # callbacks
     "LoRAExport": "lightning_sd.callbacks",
+    "AdapterEMA": "lightning_sd.callbacks",
     "ValidationSampling": "lightning_sd.callbacks",
     "Evaluation": "lightning_sd.callbacks",
     "FaultTolerance": "lightning_sd.callbacks",
