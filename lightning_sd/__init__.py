@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "CacheSettings": "lightning_sd.data.settings",
     # callbacks
     "LoRAExport": "lightning_sd.callbacks",
+    "AdapterEMA": "lightning_sd.callbacks",
     "ValidationSampling": "lightning_sd.callbacks",
     "Evaluation": "lightning_sd.callbacks",
     "FaultTolerance": "lightning_sd.callbacks",

@@ -28,6 +28,7 @@ from lightning_sd.lora_io import (
     read_safetensors,
     read_safetensors_metadata,
 )
+from lightning_sd.lycoris import apply_lycoris, is_lycoris
 from lightning_sd.objectives import DiffusionObjective
 from lightning_sd.sampling import DPMPP2M, Euler, Heun
 from lightning_sd.sampling_spec import SamplingSpec, sample_grid
@@ -128,6 +129,15 @@ def _load_embeddings(
     return substitutions
 
 
+def _networks(pipe, family: ModelFamily) -> dict:
+    """The pipeline's networks that kohya-layout files name, by component."""
+    return {
+        name: getattr(pipe, name)
+        for name in family.kohya_prefixes
+        if getattr(pipe, name, None) is not None
+    }
+
+
 def generate(
     pretrained_model_name_or_path: str,
     prompts: list[str],
@@ -156,7 +166,9 @@ def generate(
         pretrained_model_name_or_path: the base pipeline (hub id or folder).
         prompts: the prompts; a pivotal-tuning abstraction (``TOK``) is replaced by the new
             tokens saved beside the LoRA.
-        loras: LoRA files or export folders (diffusers or kohya layout).
+        loras: LoRA files or export folders (diffusers or kohya layout). LoHa/LoKr files
+            (LyCORIS keys), which diffusers does not load for these families, are added to
+            the weights at their scale (always fused).
         lora_scales: one scale per LoRA (diffusers ``set_adapters``); default 1 each.
         fuse: merge the adapters into the base weights before sampling (faster steps).
         seeds: seeds; every prompt is drawn once per seed. Default ``[0]``.
@@ -188,15 +200,20 @@ def generate(
         revision=revision,
         **family.pipeline_kwargs(index),
     )
-    names = [f"lora_{i}" for i in range(len(loras))]
-    for name, path in zip(names, loras, strict=True):
+    names, loaded_scales = [], []
+    for i, (path, scale) in enumerate(zip(loras, scales, strict=True)):
         file, tensors, header = read_lora_file(path)  # refuses pickles, missing files, NaN
         check_architecture(tensors, header, file, pretrained_model_name_or_path, family)
         warn_if_no_scale(tensors, header, file)
+        if is_lycoris(tensors):  # LoHa / LoKr: no diffusers loader; added to the weights
+            apply_lycoris(_networks(pipe, family), tensors, family.kohya_prefixes, scale)
+            continue
         with _quiet_missing_text_encoder_keys():
-            pipe.load_lora_weights(str(file), adapter_name=name)
-    if loras:
-        pipe.set_adapters(names, scales)
+            pipe.load_lora_weights(str(file), adapter_name=f"lora_{i}")
+        names.append(f"lora_{i}")
+        loaded_scales.append(scale)
+    if names:
+        pipe.set_adapters(names, loaded_scales)
         if fuse:
             pipe.fuse_lora(adapter_names=names)
             pipe.unload_lora_weights()

@@ -229,7 +229,7 @@ def default_objective(scheduler: Any):
 def warn_if_contradicts(objective, scheduler) -> None:
     """One warning when a configured parameterization is not what the checkpoint predicts.
 
-    Flow and EDM mismatches are already refused loudly by ``set_schedule``; this covers the
+    Flow and EDM mismatches are already warned about by ``set_schedule``; this covers the
     DDPM-family ones (epsilon on a v-prediction base and the reverse).
     """
     expected = default_objective(scheduler).parameterization
