@@ -9,6 +9,7 @@ from lightning import Callback, Trainer, seed_everything
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
 from lightning_sd.callbacks import AdapterEMA, LastCheckpoint, LoRAExport
+from lightning_sd.data.settings import LoaderSettings
 from lightning_sd.lora_io import read_safetensors
 
 N = 3
@@ -41,7 +42,11 @@ def fit(pipeline, instance_dir, root, stop_at=None, ckpt_path=None, export="ema"
         str(pipeline), adapter=AdapterConfig(rank=2, alpha=2), learning_rate=1e-2
     )
     data = DreamBoothDataModule(
-        str(instance_dir), "a photo of sks cat", resolution=32, batch_size=4, random_flip=True
+        str(instance_dir),
+        "a photo of sks cat",
+        resolution=32,
+        random_flip=True,
+        loader=LoaderSettings(batch_size=4),
     )
     recorder = RawRecorder(stop_at)
     ema = AdapterEMA(decay=DECAY, warmup=True, export=export)

@@ -47,7 +47,7 @@ def fitted(tiny_sd3_dir, instance_dir, tmp_path_factory):
             "fit", "--config", str(CONFIGS / "tiny.yaml"),
             "--config", str(CONFIGS / "experiments" / "sd3_tiny.yaml"), "--config", str(sampling),
             "--model.pretrained_model_name_or_path", str(tiny_sd3_dir),
-            "--data.instance_data_dir", str(instance_dir), "--data.batch_size", "2",
+            "--data.instance_data_dir", str(instance_dir), "--data.loader.batch_size", "2",
             "--trainer.default_root_dir", str(root), "--trainer.max_steps", "3",
             "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
             "--export.dirpath", str(root / "lora"),
