@@ -42,9 +42,9 @@ def assert_finite(rows: list[dict], columns: list[str]) -> None:
             assert math.isfinite(float(row[column])), (column, row)
 
 
-def test_lora_vs_dora_one_rank(bench, tmp_path):
-    out = tmp_path / "lora_vs_dora"
-    bench("lora_vs_dora").main(
+def test_lora_vs_dora_random_base_one_rank(bench, tmp_path):
+    out = tmp_path / "lora_vs_dora_random_base"
+    bench("lora_vs_dora_random_base").main(
         ["--preset", "tiny", "--ranks", "4", "--kinds", "lora", "dora", "--steps", "2",
          "--warmup", "0", "--images", "8", "--eval-prompts", "2", "--eval-seeds", "2",
          "--eval-steps", "2", "--clip-model", "tiny", "--out", str(out)]
@@ -59,11 +59,31 @@ def test_lora_vs_dora_one_rank(bench, tmp_path):
     assert_finite(rows, numeric)
     lora, dora = rows
     assert float(dora["trainable_params"]) > float(lora["trainable_params"])  # + magnitudes
-    assert len(read_csv(tmp_path / "lora_vs_dora_runs.csv")) == 2
+    assert len(read_csv(tmp_path / "lora_vs_dora_random_base_runs.csv")) == 2
     md = out.with_suffix(".md").read_text()
     assert "What DoRA costs" in md and "| dora | 4 |" in md
-    assert (tmp_path / "lora_vs_dora_quality.png").stat().st_size > 0
-    assert (tmp_path / "lora_vs_dora_cost.png").stat().st_size > 0
+    assert (tmp_path / "lora_vs_dora_random_base_quality.png").stat().st_size > 0
+    assert (tmp_path / "lora_vs_dora_random_base_cost.png").stat().st_size > 0
+
+
+def test_lora_vs_dora_on_the_pretrained_base_one_rank(bench, tmp_path):
+    out = tmp_path / "lora_vs_dora"
+    bench("lora_vs_dora").main(
+        ["--ranks", "4", "--kinds", "lora", "dora", "--seeds", "0", "--steps", "2",
+         "--probe-seeds", "1", "--probe-steps", "2", "--out", str(out)]
+    )  # fmt: skip
+    rows = read_csv(out.with_suffix(".csv"))
+    assert [(r["kind"], r["rank"]) for r in rows] == [("lora", "4"), ("dora", "4")]
+    numeric = ["fidelity", "drift_class", "drift_unrelated", "heldout_loss", "step_ms",
+               "params", "file_mb"]  # fmt: skip
+    assert_finite(rows, numeric)
+    lora, dora = rows
+    assert float(dora["params"]) > float(lora["params"])  # + magnitudes
+    # Cosine distances of the class samples from the base's: an adapter trained 2 steps
+    # changes them a little, never more than opposite features would.
+    assert 0 <= float(lora["drift_class"]) < 1
+    assert "| dora | 4 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_throughput_one_cell_per_switch(bench, tmp_path):
