@@ -11,6 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig, prepare_trainable, trainable_parameters
+from lightning_sd.compilation import check_backend, compile_denoiser
 from lightning_sd.components import load_components
 from lightning_sd.encoding import vae_encode, vae_scale_factor
 from lightning_sd.families import ModelFamily
@@ -27,6 +28,7 @@ from lightning_sd.optim import (
     optimizer_factory,
 )
 from lightning_sd.pivotal import ExtendedEmbedding, PivotalTuning, add_tokens
+from lightning_sd.quantization import QuantizedBase, quantize_linear_layers
 from lightning_sd.resume import (
     apply_configured_learning_rates,
     check_learning_rates,
@@ -89,6 +91,14 @@ class StableDiffusionLoRA(LightningModule):
         lr_power: the exponent of the ``polynomial`` schedule.
         channels_last: keep the UNet's weights and inputs in channels-last memory format
             (faster convolutions with tensor cores).
+        compile: ``torch.compile`` the denoiser once, in place, after its adapters and
+            gradient checkpointing are set (checkpoint keys and exported files are unchanged);
+            the first step pays the compilation (``benchmarks/results/compile.md``).
+        compile_backend: the ``torch.compile`` backend: ``inductor`` (generated kernels) or
+            ``aot_eager`` (quick to compile, no speed-up; for checking a graph).
+        quantize_base: store the frozen denoiser's linear layers in 4-bit NF4 (QLoRA) or 8-bit
+            (``int8``) with bitsandbytes; the adapters stay float32 and export as usual (the
+            files load on an unquantized base). Not with adapter kind ``full``.
         heldout_seed: seeds the fixed noise and timesteps of the held-out validation loss.
         family: the model family with its settings, e.g. ``SD3(t5=False)`` (YAML:
             ``class_path: lightning_sd.families.SD3``); default detected from the base
@@ -117,6 +127,9 @@ class StableDiffusionLoRA(LightningModule):
         lr_warmup_steps: int = 0,
         lr_power: float = 1.0,
         channels_last: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        quantize_base: QuantizedBase | None = None,
         heldout_seed: int = 0,
         family: ModelFamily | None = None,
     ):
@@ -128,6 +141,7 @@ class StableDiffusionLoRA(LightningModule):
         )
         if lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
+        check_backend(compile_backend)
         # Checkpoints restore from plain hparams (torch.load(weights_only=True) refuses classes),
         # so the adapter and objective are stored in their YAML form and rebuilt from it.
         if isinstance(adapter, dict):
@@ -212,6 +226,12 @@ class StableDiffusionLoRA(LightningModule):
             frozen = [self.denoiser, *self.text_encoders().values()]
             for model in frozen + ([self.vae] if h.vae_name_or_path else []):
                 model.to(dtype)
+        if h.quantize_base is not None:  # before the adapters, which wrap the quantized layers
+            if self.adapter.kind == "full":
+                raise ValueError(
+                    "quantize_base needs adapters: adapter kind 'full' trains the base"
+                )
+            quantize_linear_layers(self.denoiser, h.quantize_base, compute_dtype=dtype)
         prepare_trainable(self.denoiser, self.adapter)
         for name, config in self.text_encoder_adapters().items():
             if name not in parts.text_encoders:
@@ -233,6 +253,8 @@ class StableDiffusionLoRA(LightningModule):
                 encoder.activation_checkpointing_enable({"use_reentrant": False})
         if h.channels_last:
             self.denoiser.to(memory_format=torch.channels_last)
+        if h.compile:  # last: it traces the adapted, checkpointed network
+            compile_denoiser(self.denoiser, h.compile_backend)
         if self.objective is None:
             self.objective = family.default_objective(parts.scheduler)
         else:
