@@ -12,7 +12,6 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,9 @@ from pathlib import Path
 
 import torch
 from lightning import Callback
+
+from lightning_sd.atomic import write_atomic
+from lightning_sd.data.settings import CacheSettings, LoaderSettings
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 SKIMAGE_PHOTOS = ["astronaut", "coffee", "rocket", "chelsea", "immunohistochemistry",
@@ -235,12 +237,8 @@ def describe_machine(info: dict[str, str], load_end: float) -> str:
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file in the same folder and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    """Results through the package's one atomic writer (unique temporary, fsync, rename)."""
+    write_atomic(path, data, "result")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -297,11 +295,16 @@ def make_datamodule(photos: Path, resolution: int, batch_size: int,
 
     cached = cache_dir is not None
     return CaptionDataModule(
-        SidecarCaptions(str(photos)), resolution=resolution, center_crop=True, random_flip=True,
-        batch_size=batch_size, validation_split=validation_split, seed=seed,
-        cache_dir=str(cache_dir) if cached else None, cache_latents=cached,
-        cache_text_embeddings=cached,
-    )  # fmt: skip
+        SidecarCaptions(str(photos)),
+        resolution=resolution,
+        center_crop=True,
+        random_flip=True,
+        validation_split=validation_split,
+        loader=LoaderSettings(batch_size=batch_size, seed=seed),
+        cache=CacheSettings(
+            dir=str(cache_dir) if cached else None, latents=cached, text_embeddings=cached
+        ),
+    )
 
 
 def trainer_kwargs(device: str, precision: str, max_steps: int) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import platform
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import sd15_unet  # noqa: E402
+from _common import atomic_write, sd15_unet, write_csv  # noqa: E402
 
 
 def main() -> None:
@@ -53,11 +52,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
                 del unet
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out.with_suffix(".csv"), rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     lines = [
         "# Adapter file size on SD1.5's UNet (diffusers layout, float32)",
@@ -74,7 +69,7 @@ def main() -> None:
         f"{r['file_mb']} | {r['percent_of_fp16_unet']} |"
         for r in rows
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import platform
 import statistics
@@ -24,6 +25,7 @@ from unittest import mock
 
 import torch
 
+from lightning_sd.atomic import write_atomic
 from lightning_sd.metrics.backbones import EfficientNetLite0, _Preprocessed, _UInt8Input
 from lightning_sd.metrics.frechet import FrechetDistance
 from lightning_sd.metrics.images import normalize, resize_center_crop
@@ -148,11 +150,11 @@ def main() -> None:
         print(f"FID+KID compute {dim}-d: {seconds:.2f} s wall, {cpu:.2f} s CPU", flush=True)
     load_end = os.getloadavg()[0]
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "metric_cost.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[0]))
-        writer.writeheader()
-        writer.writerows(results)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(results[0]))
+    writer.writeheader()
+    writer.writerows(results)
+    write_atomic(RESULTS / "metric_cost.csv", table.getvalue(), "result")
     header = (
         f"Cost of each metric on CPU ({platform.processor() or platform.machine()}, "
         f"{args.threads} torch threads; 1-minute load average {load:.1f} at start and "
@@ -167,7 +169,7 @@ def main() -> None:
         "|---|---|---|---|---:|---:|",
     ]
     lines += ["| " + " | ".join(r.values()) + " |" for r in results]
-    (RESULTS / "metric_cost.md").write_text(header + "\n".join(lines) + "\n")
+    write_atomic(RESULTS / "metric_cost.md", header + "\n".join(lines) + "\n", "result")
     print(f"wrote {RESULTS / 'metric_cost.csv'} and {RESULTS / 'metric_cost.md'}")
 
 

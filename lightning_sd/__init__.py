@@ -26,11 +26,15 @@ _EXPORTS: dict[str, str] = {
     "Euler": "lightning_sd.sampling",
     "Heun": "lightning_sd.sampling",
     "DPMPP2M": "lightning_sd.sampling",
+    "SamplingSpec": "lightning_sd.sampling_spec",
     # data
     "DreamBoothDataModule": "lightning_sd.data",
     "CaptionDataModule": "lightning_sd.data",
+    "LoaderSettings": "lightning_sd.data.settings",
+    "CacheSettings": "lightning_sd.data.settings",
     # callbacks
     "LoRAExport": "lightning_sd.callbacks",
+    "AdapterEMA": "lightning_sd.callbacks",
     "ValidationSampling": "lightning_sd.callbacks",
     "Evaluation": "lightning_sd.callbacks",
     "FaultTolerance": "lightning_sd.callbacks",

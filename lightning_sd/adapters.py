@@ -1,4 +1,5 @@
-"""LoRA and DoRA adapter settings, turned into a peft ``LoraConfig`` and injected into a model."""
+"""Adapter settings (LoRA, DoRA, LoHa, LoKr; rsLoRA, PiSSA/OLoRA, LoRA+, rank/alpha patterns),
+turned into a peft config and injected into a model."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ __all__ = [
     "TARGET_PRESETS",
     "AdapterConfig",
     "add_adapter",
+    "is_adapter_parameter",
     "prepare_trainable",
+    "part_groups",
     "train_fully",
     "trainable_parameters",
 ]
@@ -51,34 +54,62 @@ TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
 
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+Kind = Literal["lora", "dora", "loha", "lokr", "full"]
+LYCORIS_KINDS = ("loha", "lokr")
+# Parameter-name fragments of the adapter weights peft adds, per kind.
+ADAPTER_PARAM_MARKERS = ("lora_", "hada_", "lokr_")
 
 
 @dataclass
 class AdapterConfig:
-    """One adapter: what kind, how big, where.
+    """One adapter: what kind, how big, where, how it starts and how fast its parts learn.
 
     Attributes:
-        kind: ``lora`` (Hu et al. 2021) or ``dora``, weight-decomposed LoRA (Liu et al. 2024);
+        kind: ``lora`` (Hu et al. 2021), ``dora``, weight-decomposed LoRA (Liu et al. 2024),
+            ``loha``, the Hadamard product of two low-rank products (Hyeon-Woo et al. 2022,
+            LyCORIS), ``lokr``, a Kronecker product of two factors (Yeh et al. 2024, LyCORIS);
             or ``full``: no adapter, every weight of the part trains (full fine-tuning, the
             baseline LoRA is compared with, and how a base model is pretrained); the other
             fields are then unused.
         rank: the adapter rank r.
         alpha: the scale numerator: the update is (alpha / r) B A. Independent of rank; ``None``
             means alpha = rank (scale 1), which is what the diffusers scripts always use.
-        dropout: dropout on the adapter input.
+        dropout: dropout on the adapter input (lora/dora).
         init: ``default`` (B = 0, so training starts at the base model), ``gaussian``, or peft's
-            SVD-based ``pissa`` / ``olora`` (these change the base weights at start).
+            SVD-based ``pissa`` (Meng et al. 2024) / ``olora`` (Büyükakyüz 2024): the adapter
+            starts on the weight's principal (orthonormal) directions and the base keeps the
+            residual, so the model's output is unchanged at the start. Their files hold the
+            update relative to the original base (a rank-2r LoRA), which every loader reads.
+            peft starts Linear layers only (not SD1.x's Conv2d ``proj_in``/``proj_out``).
+        use_rslora: rank-stabilised scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski
+            2023), so the update's size stops shrinking with rank (lora/dora).
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): the B matrices train at this multiple of
+            the part's learning rate, in an optimizer group of their own (lora/dora; the
+            paper suggests 16).
+        factor: LoKr's Kronecker factor size (peft's ``decompose_factor``); -1 splits each
+            dimension as evenly as it divides.
+        decompose_both: LoKr: also decompose the first (small) factor into rank r.
+        rank_pattern: per-module ranks, ``{regex over module names: rank}`` (peft's
+            ``rank_pattern``), e.g. ``{"up_blocks.1.*": 16}``.
+        alpha_pattern: per-module alphas in the same form.
         targets: a preset of ``TARGET_PRESETS`` (``attn``, ``attn_ff``, ``full``), or a list of
-            module-name suffixes, or one regular expression over full module names.
+            module-name suffixes, or one regular expression over full module names (per-block
+            targeting on a UNet: ``".*(down_blocks\\.1|mid_block).*attn.*to_(q|k|v)"``).
         blocks: adapt only these transformer blocks (SD3's ``transformer_blocks.<i>``); None
             adapts every block. UNets and text encoders take a regex ``targets`` instead.
     """
 
-    kind: Literal["lora", "dora", "full"] = "lora"
+    kind: Kind = "lora"
     rank: int = 4
     alpha: float | None = None
     dropout: float = 0.0
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    use_rslora: bool = False
+    loraplus_lr_ratio: float | None = None
+    factor: int = -1
+    decompose_both: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     targets: list[str] | str = field(default="attn")
     blocks: list[int] | None = None
 
@@ -92,6 +123,34 @@ class AdapterConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ValueError(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio}")
+        bad = {k: v for k, v in self.rank_pattern.items() if int(v) < 1}
+        bad |= {k: v for k, v in self.alpha_pattern.items() if not float(v) > 0}
+        if bad:
+            raise ValueError(f"rank_pattern ranks must be >= 1 and alpha_pattern alphas > 0: {bad}")
+        if self.kind in LYCORIS_KINDS:
+            lora_only = {
+                "dropout": self.dropout != 0.0,
+                "init": self.init != "default",
+                "use_rslora": self.use_rslora,
+                "loraplus_lr_ratio": self.loraplus_lr_ratio is not None,
+            }
+            if any(lora_only.values()):
+                raise ValueError(
+                    f"adapter kind {self.kind!r} does not take "
+                    f"{[k for k, v in lora_only.items() if v]}: those are LoRA/DoRA options"
+                )
+        if self.kind == "dora" and self.init in ("pissa", "olora"):
+            raise ValueError(
+                f"init={self.init!r} with DoRA is refused: the file would need the magnitudes of "
+                "the residual base, which no loader reads; use kind lora"
+            )
+
+    @property
+    def is_lycoris(self) -> bool:
+        """LoHa or LoKr: written in the LyCORIS layout only."""
+        return self.kind in LYCORIS_KINDS
 
     @property
     def lora_alpha(self) -> float:
@@ -104,7 +163,7 @@ class AdapterConfig:
         return list(self.targets)
 
     def to_peft(self, family: str = "unet", layers: list[int] | None = None):
-        """The equivalent ``peft.LoraConfig``.
+        """The equivalent peft config: ``LoraConfig``, ``LoHaConfig`` or ``LoKrConfig``.
 
         Args:
             family: ``unet``, ``transformer`` or ``text_encoder``: which names the target
@@ -112,17 +171,32 @@ class AdapterConfig:
             layers: restrict a transformer's adapters to these layer indices (peft's
                 ``layers_to_transform``), to leave out layers that receive no gradient.
         """
-        from peft import LoraConfig
+        from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-        return LoraConfig(
+        common = dict(
             r=self.rank,
+            target_modules=self.target_modules(family),
+            layers_to_transform=layers,
+            layers_pattern=_LAYER_PATTERN[family] if layers is not None else None,
+            rank_pattern=dict(self.rank_pattern),
+            alpha_pattern={k: float(v) for k, v in self.alpha_pattern.items()},
+        )
+        if self.kind == "loha":
+            return LoHaConfig(alpha=self.lora_alpha, **common)
+        if self.kind == "lokr":
+            return LoKrConfig(
+                alpha=self.lora_alpha,
+                decompose_factor=self.factor,
+                decompose_both=self.decompose_both,
+                **common,
+            )
+        return LoraConfig(
             lora_alpha=self.lora_alpha,
             lora_dropout=self.dropout,
             init_lora_weights=_INIT[self.init],
-            target_modules=self.target_modules(family),
+            use_rslora=self.use_rslora,
             use_dora=self.kind == "dora",
-            layers_to_transform=layers,
-            layers_pattern=_LAYER_PATTERN[family] if layers is not None else None,
+            **common,
         )
 
 
@@ -174,6 +248,13 @@ def add_adapter(
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    if config.init in ("pissa", "olora"):
+        # The base now holds the residual: files must carry the update relative to the
+        # original weights, B A - B0 A0, so the starting factors are kept (see lora_io).
+        from peft.utils import get_peft_model_state_dict
+
+        initial = get_peft_model_state_dict(model, adapter_name=name)
+        model._lightning_sd_initial_adapter = {k: v.detach().clone() for k, v in initial.items()}
     # The frozen base stays in eval mode; the adapter's dropout must still act in training.
     for module_name, module in model.named_modules():
         if module_name.endswith("lora_dropout"):
@@ -196,6 +277,13 @@ def _injection_error(model: torch.nn.Module, config: AdapterConfig, err: ValueEr
     from lightning_sd.dependencies import versions_hint
 
     kind = type(model).__name__
+    if "Unknown initialization" in str(err) and config.init in ("pissa", "olora"):
+        return ValueError(
+            f"init={config.init!r} starts from each weight's SVD/QR, which peft does for Linear "
+            f"layers only, and targets {config.targets!r} match Conv2d layers of {kind} (SD1.x "
+            "proj_in/proj_out and ResNet convolutions): use targets 'attn' or a list of Linear "
+            "layers"
+        )
     if "not found in the base model" not in str(err) and "target modules" not in str(err):
         return RuntimeError(f"peft could not add the adapter to {kind}: {err}; {versions_hint()}")
     names = {
@@ -231,3 +319,30 @@ def prepare_trainable(
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters an optimizer should see (the adapters; the base stays frozen)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter name is an adapter weight peft added (LoRA, DoRA, LoHa, LoKr)."""
+    return any(marker in name for marker in ADAPTER_PARAM_MARKERS)
+
+
+def part_groups(
+    name: str, params: dict[str, torch.nn.Parameter], lr: float, config: AdapterConfig | None
+) -> list[dict]:
+    """A trained part's optimizer groups: one, or LoRA+'s two (Hayou et al. 2024): the B
+    matrices in ``<name>.lora_B`` at ``loraplus_lr_ratio`` times ``lr``, the rest (A, DoRA
+    magnitudes) at ``lr``. Empty groups are left out (DeepSpeed rejects them)."""
+    ratio = config.loraplus_lr_ratio if config is not None else None
+    if ratio is None:
+        groups = [{"name": name, "params": list(params.values()), "lr": lr}]
+    else:
+        is_b = {n: ".lora_B." in n or ".lora_embedding_B." in n for n in params}
+        groups = [
+            {"name": name, "params": [p for n, p in params.items() if not is_b[n]], "lr": lr},
+            {
+                "name": f"{name}.lora_B",
+                "params": [p for n, p in params.items() if is_b[n]],
+                "lr": lr * ratio,
+            },
+        ]
+    return [g for g in groups if g["params"]]

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lightning_sd.atomic import atomic_path, no_space_error
 
 __all__ = ["AtomicCheckpointIO", "no_space_error"]
 
@@ -29,25 +30,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        writer = None
-        try:
+        with atomic_path(path, "checkpoint") as tmp:
+            writer = None
             try:
-                with _open(fd) as f:  # closing flushes, which can fail too
+                with _open(os.open(tmp, os.O_WRONLY | os.O_TRUNC)) as f:  # closing flushes
                     writer = _RecordingWriter(f)
                     torch.save(checkpoint, writer)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except (RuntimeError, OSError) as err:
+            except RuntimeError as err:
+                # torch's zip writer hides the ENOSPC of a write behind its own message
                 cause = (writer and writer.error) or err
                 if getattr(cause, "errno", None) == errno.ENOSPC:
                     raise no_space_error(path, "checkpoint") from cause
                 raise
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def _open(fd: int):
@@ -69,14 +63,3 @@ class _RecordingWriter:
 
     def flush(self) -> None:
         self.file.flush()
-
-
-def no_space_error(path: str | Path, what: str) -> OSError:
-    """``ENOSPC`` in words, naming the file; the previous file is untouched by the rename."""
-    path = Path(path)
-    kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
-    return OSError(
-        errno.ENOSPC,
-        f"no space left on device while writing the {what} {path} ({kept}); free space on "
-        f"{path.parent}'s filesystem or point the output elsewhere",
-    )

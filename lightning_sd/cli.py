@@ -104,7 +104,8 @@ def _checkpoint_dir(default_root_dir: str | None) -> str:
 
 
 def _tiny_pipeline(out_dir: str, preset: str = "tiny", seed: int = 0):
-    """Write a tiny SD1.x- or SDXL-architecture pipeline folder with random weights, offline.
+    """Write a tiny SD1.x-, SDXL- or SD3-architecture pipeline folder with random weights,
+    offline.
 
     For tests, demos and benchmarks: ``StableDiffusionPipeline.from_pretrained(out_dir)``
     loads it with no network.
@@ -114,8 +115,10 @@ def _tiny_pipeline(out_dir: str, preset: str = "tiny", seed: int = 0):
         preset: ``tiny`` (tests, 32 px), ``small`` (benchmarks, 64 px), ``small-vae8``
             (256 px with SD's 8x VAE downsampling), ``tiny-sdxl`` (SDXL architecture: two text
             encoders, micro-conditioning), ``tiny-playground`` (SDXL with an EDM-native
-            scheduler, as Playground v2.5), or ``tiny-pretrained``: a copy of the shipped base
-            pretrained on emoji (32 px; not random).
+            scheduler, as Playground v2.5), ``tiny-sd3`` (SD3.5 Medium's architecture: MMDiT
+            with attn2, two CLIPs, T5, 16-channel VAE, rectified flow), ``tiny-sd3-no-t5``, or
+            ``tiny-pretrained``: a copy of the shipped base pretrained on emoji (32 px; not
+            random).
         seed: seeds every component's initialisation.
     """
     from lightning_sd.tiny import build_tiny_pipeline

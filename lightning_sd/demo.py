@@ -23,6 +23,7 @@ from lightning_sd.adapters import AdapterConfig
 from lightning_sd.callbacks.export import LoRAExport
 from lightning_sd.callbacks.progress import StepProgressBar
 from lightning_sd.data import DreamBoothDataModule
+from lightning_sd.data.settings import LoaderSettings
 from lightning_sd.grid import image_grid, save_image_atomic
 from lightning_sd.module import StableDiffusionLoRA
 from lightning_sd.pretrained.subject import (
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         str(subject_dir("instance")),
         SUBJECT_PROMPT,
         resolution=resolution,
-        batch_size=4,
         random_flip=True,
+        loader=LoaderSettings(batch_size=4),
     )
     module.configure_model()
     probe = SubjectProbe()

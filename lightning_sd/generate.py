@@ -28,8 +28,10 @@ from lightning_sd.lora_io import (
     read_safetensors,
     read_safetensors_metadata,
 )
+from lightning_sd.lycoris import apply_lycoris, is_lycoris
 from lightning_sd.objectives import DiffusionObjective
 from lightning_sd.sampling import DPMPP2M, Euler, Heun
+from lightning_sd.sampling_spec import SamplingSpec, sample_grid
 from lightning_sd.serialization import from_config
 
 __all__ = ["generate"]
@@ -127,6 +129,15 @@ def _load_embeddings(
     return substitutions
 
 
+def _networks(pipe, family: ModelFamily) -> dict:
+    """The pipeline's networks that kohya-layout files name, by component."""
+    return {
+        name: getattr(pipe, name)
+        for name in family.kohya_prefixes
+        if getattr(pipe, name, None) is not None
+    }
+
+
 def generate(
     pretrained_model_name_or_path: str,
     prompts: list[str],
@@ -148,13 +159,16 @@ def generate(
     SD1.x/2.x, SDXL-family (SDXL, Playground v2.5) and SD3 bases alike: the family comes from
     the base's ``model_index.json``. Prompts are encoded by the family's encoder, the one
     training and the validation grids use, with the clip skip (and SD3's T5 length) that the
-    LoRA file records; so the same LoRA, seed and settings give the grid's image.
+    LoRA file records; and the prompts x seeds are sampled as a :class:`SamplingSpec`, row by
+    row, as the validation grids are: so the same LoRA, seed and settings give the grid's image.
 
     Args:
         pretrained_model_name_or_path: the base pipeline (hub id or folder).
         prompts: the prompts; a pivotal-tuning abstraction (``TOK``) is replaced by the new
             tokens saved beside the LoRA.
-        loras: LoRA files or export folders (diffusers or kohya layout).
+        loras: LoRA files or export folders (diffusers or kohya layout). LoHa/LoKr files
+            (LyCORIS keys), which diffusers does not load for these families, are added to
+            the weights at their scale (always fused).
         lora_scales: one scale per LoRA (diffusers ``set_adapters``); default 1 each.
         fuse: merge the adapters into the base weights before sampling (faster steps).
         seeds: seeds; every prompt is drawn once per seed. Default ``[0]``.
@@ -172,6 +186,9 @@ def generate(
     """
     loras = [Path(p) for p in loras or []]
     seeds = seeds if seeds is not None else [0]
+    spec = SamplingSpec(  # the callbacks' spec; bad settings fail here, before any loading
+        prompts, seeds, negative_prompt, steps, guidance_scale, SAMPLERS[sampler](), resolution
+    )
     scales = lora_scales if lora_scales is not None else [1.0] * len(loras)
     if len(scales) != len(loras):
         raise ValueError(f"{len(loras)} LoRA files but {len(scales)} lora_scales")
@@ -183,15 +200,20 @@ def generate(
         revision=revision,
         **family.pipeline_kwargs(index),
     )
-    names = [f"lora_{i}" for i in range(len(loras))]
-    for name, path in zip(names, loras, strict=True):
+    names, loaded_scales = [], []
+    for i, (path, scale) in enumerate(zip(loras, scales, strict=True)):
         file, tensors, header = read_lora_file(path)  # refuses pickles, missing files, NaN
         check_architecture(tensors, header, file, pretrained_model_name_or_path, family)
         warn_if_no_scale(tensors, header, file)
+        if is_lycoris(tensors):  # LoHa / LoKr: no diffusers loader; added to the weights
+            apply_lycoris(_networks(pipe, family), tensors, family.kohya_prefixes, scale)
+            continue
         with _quiet_missing_text_encoder_keys():
-            pipe.load_lora_weights(str(file), adapter_name=name)
-    if loras:
-        pipe.set_adapters(names, scales)
+            pipe.load_lora_weights(str(file), adapter_name=f"lora_{i}")
+        names.append(f"lora_{i}")
+        loaded_scales.append(scale)
+    if names:
+        pipe.set_adapters(names, loaded_scales)
         if fuse:
             pipe.fuse_lora(adapter_names=names)
             pipe.unload_lora_weights()
@@ -211,15 +233,17 @@ def generate(
             texts = [t.replace(abstraction, tokens) for t in texts]
         return family.text_embeddings(tokenizers, encoders, texts, clip_skip)
 
-    all_prompts = [p for p in prompts for _ in seeds]
-    all_seeds = [s for _ in prompts for s in seeds]
-    images = generate_images(
-        objective, family, getattr(pipe, family.denoiser_name), pipe.vae, encode, all_prompts, all_seeds, steps=steps,
-        guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-        resolution=resolution, sampler=SAMPLERS[sampler](),
-    )  # fmt: skip
+    denoiser = getattr(pipe, family.denoiser_name)
+
+    def sample_images(image_prompts: list[str], image_seeds: list[int], **settings):
+        return generate_images(
+            objective, family, denoiser, pipe.vae, encode, image_prompts, image_seeds, **settings
+        )
+
+    images = sample_grid(spec, sample_images)
     out = Path(out_dir)
     paths = []
+    all_seeds = [s for _ in prompts for s in spec.seeds]
     for i, (image, seed) in enumerate(zip(images, all_seeds, strict=True)):
         array = (image * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         paths.append(

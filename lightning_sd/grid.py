@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from lightning_sd.atomic import atomic_path
+
 __all__ = ["image_grid", "save_image_atomic"]
 
 
@@ -54,8 +56,6 @@ def image_grid(
 def save_image_atomic(image: Image.Image, path: str | Path) -> Path:
     """Save a PIL image through a temporary file and a rename: never a half-written PNG."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
-    tmp.replace(path)
+    with atomic_path(path, "image") as tmp:
+        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
     return path

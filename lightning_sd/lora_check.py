@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from lightning_sd.families.base import ModelFamily
-from lightning_sd.lora_io import LORA_WEIGHT_NAME, METADATA_KEY, LoRAFileError, read_safetensors
+from lightning_sd.lora_io import (
+    KOHYA_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    METADATA_KEY,
+    LoRAFileError,
+    read_safetensors,
+)
 
 __all__ = [
     "check_architecture",
@@ -30,10 +36,15 @@ _PICKLES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 
 
 def lora_file(path: str | Path) -> Path:
-    """The weight file of a path (a folder means its ``pytorch_lora_weights.safetensors``)."""
+    """The weight file of a path (a folder means its ``pytorch_lora_weights.safetensors``, or
+    its ``lora_kohya.safetensors`` when it has only that)."""
     path = Path(path)
     if path.is_dir():
-        path = path / LORA_WEIGHT_NAME
+        # LoHa/LoKr export folders hold the kohya/LyCORIS file only.
+        only_kohya = (
+            not (path / LORA_WEIGHT_NAME).is_file() and (path / KOHYA_WEIGHT_NAME).is_file()
+        )
+        path = path / (KOHYA_WEIGHT_NAME if only_kohya else LORA_WEIGHT_NAME)
     if path.suffix in _PICKLES:
         raise LoRAFileError(
             f"{path} is a PyTorch pickle ({path.suffix}); only .safetensors LoRA files are read "

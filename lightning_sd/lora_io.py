@@ -8,9 +8,7 @@ fails with the names of the modules that do not match.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -18,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_sd.checkpoint_io import no_space_error
+from lightning_sd.atomic import atomic_path
 from lightning_sd.families.base import ModelFamily
 from lightning_sd.kohya import to_kohya
+from lightning_sd.lycoris import LYCORIS_PARTS
 
 __all__ = [
     "KOHYA_WEIGHT_NAME",
@@ -49,23 +48,10 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] 
     """``safetensors.torch.save_file`` through a temporary file and a rename: never half a file."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-        except Exception as err:  # safetensors raises its own error type with the OS message
-            if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
-                raise no_space_error(path, "file") from err
-            raise
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return Path(path)
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -107,7 +93,63 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict:
 
     # contiguous: merged adapters (SVD slices) are views that safetensors refuses to write.
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    initial = getattr(model, "_lightning_sd_initial_adapter", None)
+    if initial is not None:
+        state = residual_free(state, initial)
     return {k: v.contiguous() for k, v in state.items()}
+
+
+def residual_free(state: dict, initial: dict) -> dict:
+    """A PiSSA/OLoRA adapter as a plain LoRA on the original base: rank 2r, same scale.
+
+    The base holds W - s B0 A0 and the adapter adds s B A, so the update of the original W is
+    s (B A - B0 A0) = s [B, B0] [A; -A0] (peft's ``path_initial_model_for_weight_conversion``).
+    """
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith("lora_A.weight"):
+            out[key] = torch.cat([tensor, -initial[key].to(tensor)], dim=0)
+        elif key.endswith("lora_B.weight"):
+            out[key] = torch.cat([tensor, initial[key].to(tensor)], dim=1)
+        else:
+            out[key] = tensor
+    return out
+
+
+def file_config(model: nn.Module, adapter_name: str = "default") -> dict:
+    """The adapter's peft config as files carry it: a PiSSA/OLoRA adapter's is the rank-2r
+    plain LoRA of :func:`residual_free` (alpha doubled, or times sqrt 2 under rsLoRA)."""
+    config = model.peft_config[adapter_name].to_dict()
+    if getattr(model, "_lightning_sd_initial_adapter", None) is None:
+        return config
+    factor = 2**0.5 if config.get("use_rslora") else 2.0
+    config.update(
+        r=2 * config["r"],
+        lora_alpha=factor * config["lora_alpha"],
+        init_lora_weights=True,
+        rank_pattern={k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+        alpha_pattern={k: factor * v for k, v in (config.get("alpha_pattern") or {}).items()},
+    )
+    return config
+
+
+def module_scales(model: nn.Module, adapter_name: str = "default") -> dict[str, tuple[int, float]]:
+    """Each adapted module's (rank, scale), as peft applies them: rank/alpha patterns and
+    rsLoRA included; PiSSA/OLoRA modules as their rank-2r files hold them."""
+    doubled = getattr(model, "_lightning_sd_initial_adapter", None) is not None
+    out = {}
+    for name, module in model.named_modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and adapter_name in scaling:
+            rank = module.r[adapter_name] * (2 if doubled else 1)
+            out[name] = (rank, float(scaling[adapter_name]))
+    return out
+
+
+def _lycoris(config) -> str | None:
+    """``loha`` / ``lokr`` for those peft configs, else None."""
+    kind = str(getattr(config, "peft_type", "")).rsplit(".", 1)[-1].lower()
+    return kind if kind in ("loha", "lokr") else None
 
 
 def _text_encoder_layers(model: nn.Module, adapter_name: str) -> dict:
@@ -153,6 +195,14 @@ def save_diffusers_lora(
         adapter_name: the peft adapter to save.
     """
     parts = adapted(components)
+    lycoris = {n: k for n, m in parts.items() if (k := _lycoris(m.peft_config[adapter_name]))}
+    if lycoris:
+        raise LoRAFileError(
+            f"{lycoris} adapters are not written in the diffusers layout: "
+            "StableDiffusionPipeline.load_lora_weights reads LoRA keys only. They go to the "
+            f"kohya/LyCORIS file ({KOHYA_WEIGHT_NAME}), which ComfyUI, A1111 and lightning-sd "
+            "generate read"
+        )
     kwargs = {}
     for name, model in parts.items():
         layers = (
@@ -161,7 +211,7 @@ def save_diffusers_lora(
             else adapter_state_dict(model, adapter_name)
         )
         kwargs[f"{name}_lora_layers"] = layers
-        kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
+        kwargs[f"{name}_lora_adapter_metadata"] = file_config(model, adapter_name)
     writer = family.lora_writer()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,26 +235,41 @@ def save_kohya_lora(
     """Write the kohya / A1111 / ComfyUI layout (``lora_unet_*``, ``lora_te_*``, real ``.alpha``;
     the family's prefixes: SDXL ``lora_te1_``/``lora_te2_``, SD3 ``lora_transformer_``).
 
-    DoRA is refused: diffusers' kohya loader drops ``dora_scale`` (it would load as a different
-    model), so a DoRA adapter goes to the diffusers layout only.
+    Every module's ``.alpha`` is the one that gives its scale as alpha / (its rank), so rank and
+    alpha patterns and rsLoRA's alpha / sqrt(r) load at their trained strength. LoHa and LoKr
+    are written with LyCORIS's keys (``hada_*``, ``lokr_*``); a LoKr module whose two factors
+    are whole matrices gets its scale folded into ``lokr_w1``, since readers apply no alpha
+    there. DoRA is refused: diffusers' kohya loader drops ``dora_scale`` (it would load as a
+    different model), so a DoRA adapter goes to the diffusers layout only.
     """
-    from peft.utils import get_peft_model_state_dict
-
     parts = adapted(components)
-    dora = [n for n, m in parts.items() if m.peft_config[adapter_name].use_dora]
+    dora = [n for n, m in parts.items() if getattr(m.peft_config[adapter_name], "use_dora", 0)]
     if dora:
         raise LoRAFileError(
             f"DoRA adapters ({', '.join(dora)}) are not written in the kohya layout: diffusers' "
             "kohya loader drops dora_scale and would load a different model. Use the diffusers "
             f"file ({LORA_WEIGHT_NAME}), which keeps the DoRA magnitudes."
         )
-    states = {n: get_peft_model_state_dict(m, adapter_name=adapter_name) for n, m in parts.items()}
-    alphas = {n: m.peft_config[adapter_name].lora_alpha for n, m in parts.items()}
-    header = {"ss_network_module": "networks.lora"}
+    states = {n: adapter_state_dict(m, adapter_name) for n, m in parts.items()}
+    alphas = {}
+    for name, model in parts.items():
+        scales = module_scales(model, adapter_name)
+        alphas[name] = {module: rank * scale for module, (rank, scale) in scales.items()}
+        for module, (_, scale) in scales.items():
+            if f"{module}.lokr_w1" in states[name] and f"{module}.lokr_w2" in states[name]:
+                states[name][f"{module}.lokr_w1"] = states[name][f"{module}.lokr_w1"] * scale
     denoiser = family.denoiser_name
+    kinds = {_lycoris(m.peft_config[adapter_name]) for m in parts.values()} - {None}
+    header = {"ss_network_module": "lycoris.kohya" if kinds else "networks.lora"}
     if denoiser in parts:
-        header["ss_network_dim"] = str(parts[denoiser].peft_config[adapter_name].r)
-        header["ss_network_alpha"] = str(alphas[denoiser])
+        config = parts[denoiser].peft_config[adapter_name]
+        header["ss_network_dim"] = str(config.r)
+        header["ss_network_alpha"] = str(getattr(config, "lora_alpha", None) or config.alpha)
+    if kinds:
+        args = {"algo": kinds.pop()}
+        if args["algo"] == "lokr" and denoiser in parts:
+            args["factor"] = parts[denoiser].peft_config[adapter_name].decompose_factor
+        header["ss_network_args"] = json.dumps(args)
     if metadata:
         header[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
     return write_safetensors(path, to_kohya(states, alphas, family.kohya_prefixes), header)
@@ -230,7 +295,16 @@ _PART = {
     "lora_magnitude_vector": "lora_magnitude_vector",
     "lora_magnitude_vector.weight": "lora_magnitude_vector",
     "dora_scale": "lora_magnitude_vector",
+    **{part: part for part in LYCORIS_PARTS},
 }
+_PEFT_PART = re.compile(
+    r"\.(?:lora_A\.weight|lora_B\.weight|lora_magnitude_vector|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)$"
+)
+
+
+def _module_of(key: str) -> str:
+    """``<module>.lora_A.weight`` / ``<module>.hada_w1_a`` ... -> ``<module>``."""
+    return _PEFT_PART.sub("", key)
 
 
 def _flat_module_names(component: str, model: nn.Module) -> dict[str, str]:
@@ -302,6 +376,12 @@ def load_lora_into(
     path, tensors, header = read_lora_file(path)
     check_architecture(tensors, header, path, "this model's base", family)
     parts = adapted(components)
+    if any(getattr(m, "_lightning_sd_initial_adapter", None) is not None for m in parts.values()):
+        raise LoRAFileError(
+            f"{path}: continuing a PiSSA/OLoRA adapter from a file is refused: its files hold "
+            "the update as a plain rank-2r LoRA of the original base. Continue with kind lora, "
+            "init default and twice the rank"
+        )
     weights, kohya_alphas = split_lora_tensors(tensors, parts)
     file_meta = json.loads(header.get("lora_adapter_metadata", "{}"))
     scale_known = has_scale(tensors, header)
@@ -323,9 +403,7 @@ def load_lora_into(
             module = strip_text_model(module, model)
             for part, tensor in tensor_parts.items():
                 given[f"{module}.{part}"] = tensor
-        unknown = sorted(
-            {k.rsplit(".lora_", 1)[0] for k in given} - {k.rsplit(".lora_", 1)[0] for k in expected}
-        )
+        unknown = sorted({_module_of(k) for k in given} - {_module_of(k) for k in expected})
         if unknown:
             raise LoRAFileError(
                 f"{path}: {len(unknown)} {component} modules of the file are not adapted in this "
@@ -335,7 +413,7 @@ def load_lora_into(
         if missing:
             raise LoRAFileError(
                 f"{path}: the file lacks {len(missing)} {component} adapter tensors this model "
-                f"has (targets or DoRA differ), e.g. {missing[:4]}"
+                f"has (targets, kind or DoRA differ), e.g. {missing[:4]}"
             )
         wrong = [
             f"{k}: file {tuple(given[k].shape)} vs model {tuple(v.shape)}"
@@ -344,21 +422,59 @@ def load_lora_into(
         ]
         if wrong:
             raise LoRAFileError(f"{path}: {component} shapes differ (rank?): {wrong[:3]}")
-        config = model.peft_config[adapter_name]
-        file_alpha = file_meta.get(f"{component}.lora_alpha")
-        alphas = set(kohya_alphas.get(component, {}).values()) | (
-            {float(file_alpha)} if file_alpha is not None else set()
-        )
-        if not scale_known and float(config.lora_alpha) != config.r:
-            raise LoRAFileError(
-                f"{path} has no rank/alpha metadata, so loaders take alpha = rank = {config.r}, "
-                f"but this run configures {component} alpha {config.lora_alpha}: set the "
-                "adapter's alpha to the one the file was trained with (unset means = rank)"
-            )
-        if alphas and alphas != {float(config.lora_alpha)}:
-            raise LoRAFileError(
-                f"{path}: {component} alpha {sorted(alphas)} differs from the configured "
-                f"{config.lora_alpha}; set the adapter's alpha to match"
-            )
+        scales = module_scales(model, adapter_name)
+        _check_scale(path, component, model.peft_config[adapter_name], scales, scale_known,
+                     {strip_text_model(m, model): a for m, a in kohya_alphas.get(component, {}).items()},
+                     {k.split(".", 1)[1]: v for k, v in file_meta.items() if k.startswith(component + ".")})  # fmt: skip
+        for module, (_, scale) in scales.items():  # LoKr with whole factors: scale in lokr_w1
+            if kohya_alphas and f"{module}.lokr_w1" in given and f"{module}.lokr_w2" in given:
+                given[f"{module}.lokr_w1"] = given[f"{module}.lokr_w1"] / scale
         state = {k: given[k].reshape(v.shape).to(v.dtype) for k, v in expected.items()}
         set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+
+
+_SCALE_FIELDS = ("lora_alpha", "alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+
+
+def _check_scale(
+    path: Path,
+    component: str,
+    config,
+    scales: dict[str, tuple[int, float]],
+    scale_known: bool,
+    kohya_alphas: dict[str, float],
+    file_fields: dict,
+) -> None:
+    """The file must give every module the scale this model's adapter applies: kohya files
+    by each module's ``.alpha`` / rank, diffusers files by their peft config fields."""
+    if not scale_known and any(abs(s - 1.0) > 1e-9 for _, s in scales.values()):
+        alpha = getattr(config, "lora_alpha", None) or getattr(config, "alpha", None)
+        raise LoRAFileError(
+            f"{path} has no rank/alpha metadata, so loaders take alpha = rank = {config.r}, "
+            f"but this run configures {component} alpha {alpha}: set the "
+            "adapter's alpha to the one the file was trained with (unset means = rank)"
+        )
+    off = [
+        f"{m}: file alpha {kohya_alphas[m]:g}, this model {r * s:g}"
+        for m, (r, s) in scales.items()
+        if m in kohya_alphas and abs(kohya_alphas[m] - r * s) > 1e-4 * max(1.0, r * s)
+    ]
+    mine = config.to_dict()
+    off += [
+        f"{k}: file {file_fields[k]!r}, this model {mine.get(k)!r}"
+        for k in _SCALE_FIELDS
+        if k in file_fields and _normalised(file_fields[k]) != _normalised(mine.get(k))
+    ]
+    if off:
+        raise LoRAFileError(
+            f"{path}: {component} alpha differs from the configured adapter's ({len(off)} "
+            f"differences, e.g. {off[:3]}); set the adapter's alpha, use_rslora and patterns "
+            "to those the file was trained with"
+        )
+
+
+def _normalised(value):
+    """Numbers as floats and empty patterns as {}, so 8 == 8.0 and None == {}."""
+    if isinstance(value, dict) or value is None:
+        return {k: float(v) for k, v in (value or {}).items()}
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value

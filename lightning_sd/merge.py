@@ -26,6 +26,7 @@ from lightning_sd.lora_io import (
     split_lora_tensors,
     strip_text_model,
 )
+from lightning_sd.lycoris import is_lycoris
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -204,6 +205,12 @@ def merge_loras(
     files = [(tensors, header) for _, tensors, header in read]
     family = family_of(base)
     for path, (tensors, header) in zip(paths, files, strict=True):
+        if is_lycoris(tensors):
+            raise LoRAFileError(
+                f"{path} is a LoHa/LoKr file: merging it is refused, since peft's "
+                "add_weighted_adapter combines LoRA's A and B matrices only. Load LoHa/LoKr "
+                "files side by side instead (lightning-sd generate --loras a --loras b)"
+            )
         check_architecture(tensors, header, path, base, family)
         warn_if_no_scale(tensors, header, path)
     components = [sorted(split_lora_tensors(tensors, {})[0]) for tensors, _ in files]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning_sd.atomic import write_atomic
 from lightning_sd.families.base import ModelFamily
 
 __all__ = ["write_model_card"]
@@ -49,7 +50,7 @@ def write_model_card(
         "license: other",
         "tags:",
         "- text-to-image",
-        "- lora" if adapter.get("kind", "lora") == "lora" else "- dora",
+        f"- {adapter.get('kind', 'lora')}",
         "- lightning_sd",
     ]
     if trigger:
@@ -74,17 +75,32 @@ def write_model_card(
     ]
     if trigger:
         lines += ["## Trigger words", "", f"`{trigger}`", ""]
-    lines += [
-        "## Use with diffusers",
-        "",
-        "```python",
-        "from diffusers import AutoPipelineForText2Image",
-        "from safetensors.torch import load_file",
-        "",
-        f'pipe = AutoPipelineForText2Image.from_pretrained("{base}")',
-        f'pipe.load_lora_weights("{Path(out_dir).name}")',
-    ]
-    if tokens and "embeddings" in files:
+    if "diffusers" not in files and "kohya" in files:  # LoHa / LoKr: no diffusers LoRA loader
+        lines += [
+            "## Use",
+            "",
+            "diffusers' `load_lora_weights` reads no LoHa/LoKr file of this family; ComfyUI and "
+            "A1111 read the LyCORIS file, and so does:",
+            "",
+            f'`lightning-sd generate {base} "{trigger or "a photo"}" '
+            f"--loras {Path(out_dir).name}/{files['kohya'].name}`",
+            "",
+        ]
+    lines += (
+        []
+        if "diffusers" not in files
+        else [
+            "## Use with diffusers",
+            "",
+            "```python",
+            "from diffusers import AutoPipelineForText2Image",
+            "from safetensors.torch import load_file",
+            "",
+            f'pipe = AutoPipelineForText2Image.from_pretrained("{base}")',
+            f'pipe.load_lora_weights("{Path(out_dir).name}")',
+        ]
+    )
+    if tokens and "embeddings" in files and "diffusers" in files:
         lines.append(f'state = load_file("{Path(out_dir).name}/{files["embeddings"].name}")')
         for name, key in family.embedding_keys.items():
             tokenizer = name.replace("text_encoder", "tokenizer")
@@ -97,7 +113,8 @@ def write_model_card(
         prompt = trigger.replace(
             metadata.get("pivotal_tuning", {}).get("token_abstraction", ""), "".join(tokens)
         )
-    lines += [f'image = pipe("{prompt}").images[0]', "```", ""]
+    if "diffusers" in files:
+        lines += [f'image = pipe("{prompt}").images[0]', "```", ""]
     if "kohya" in files:
         lines += [
             "## A1111 / ComfyUI",
@@ -108,8 +125,4 @@ def write_model_card(
             "",
         ]
     lines += ["## Files", ""] + [f"- `{p.name}` ({fmt})" for fmt, p in files.items()] + [""]
-    path = Path(out_dir) / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
+    return write_atomic(Path(out_dir) / "README.md", "\n".join(lines), "model card")

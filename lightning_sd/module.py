@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
+import typing
 import warnings
+from typing import ClassVar
 
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_sd._version import __version__
-from lightning_sd.adapters import AdapterConfig, prepare_trainable, trainable_parameters
+from lightning_sd.adapters import AdapterConfig, part_groups, prepare_trainable
+from lightning_sd.base_prior import BasePrior, adapters_disabled, with_base_prior
 from lightning_sd.compilation import check_backend, compile_denoiser
 from lightning_sd.components import load_components
 from lightning_sd.encoding import vae_encode, vae_scale_factor
@@ -24,8 +26,6 @@ from lightning_sd.optim import (
     OptimizerFactory,
     build_optimizer,
     lr_lambda,
-    optimizer_config,
-    optimizer_factory,
 )
 from lightning_sd.pivotal import ExtendedEmbedding, PivotalTuning, add_tokens
 from lightning_sd.quantization import QuantizedBase, quantize_linear_layers
@@ -100,6 +100,9 @@ class StableDiffusionLoRA(LightningModule):
             (``int8``) with bitsandbytes; the adapters stay float32 and export as usual (the
             files load on an unquantized base). Not with adapter kind ``full``.
         heldout_seed: seeds the fixed noise and timesteps of the held-out validation loss.
+        base_prior: prior preservation without class images (``BasePrior``): the adapted
+            model's class-prompt output is pulled to the base's (adapters off) at the same
+            noisy latents; beside, or instead of, class-image prior preservation in the data.
         family: the model family with its settings, e.g. ``SD3(t5=False)`` (YAML:
             ``class_path: lightning_sd.families.SD3``); default detected from the base
             model's ``model_index.json``.
@@ -132,6 +135,7 @@ class StableDiffusionLoRA(LightningModule):
         quantize_base: QuantizedBase | None = None,
         heldout_seed: int = 0,
         family: ModelFamily | None = None,
+        base_prior: BasePrior | None = None,
     ):
         super().__init__()
         check_learning_rates(
@@ -142,52 +146,32 @@ class StableDiffusionLoRA(LightningModule):
         if lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
         check_backend(compile_backend)
-        # Checkpoints restore from plain hparams (torch.load(weights_only=True) refuses classes),
-        # so the adapter and objective are stored in their YAML form and rebuilt from it.
-        if isinstance(adapter, dict):
-            adapter = AdapterConfig(**adapter)
-        if isinstance(text_encoder_adapter, dict):
-            text_encoder_adapter = AdapterConfig(**text_encoder_adapter)
-        if isinstance(text_encoder_2_adapter, dict):
-            text_encoder_2_adapter = AdapterConfig(**text_encoder_2_adapter)
-        if isinstance(pivotal_tuning, dict):
-            pivotal_tuning = PivotalTuning(**pivotal_tuning)
-        if isinstance(objective, dict):
-            objective = from_config(objective)
-        if isinstance(optimizer, dict):
-            optimizer = optimizer_factory(optimizer)
-        if isinstance(family, dict):
-            family = from_config(family)
-        self.family: ModelFamily | None = family
-        self.optimizer: OptimizerFactory | None = optimizer
-        self.adapter = adapter or AdapterConfig()
-        self.text_encoder_adapter = text_encoder_adapter
-        self.text_encoder_2_adapter = text_encoder_2_adapter
-        self.pivotal_tuning = pivotal_tuning
+        # Every part is stored the way YAML writes it (plain data: checkpoints load with
+        # torch.load(weights_only=True)) and rebuilt from that form by from_config.
+        given = {
+            "adapter": adapter,
+            "text_encoder_adapter": text_encoder_adapter,
+            "text_encoder_2_adapter": text_encoder_2_adapter,
+            "pivotal_tuning": pivotal_tuning,
+            "objective": objective,
+            "optimizer": optimizer,
+            "family": family,
+            "base_prior": base_prior,
+        }
+        hints = typing.get_type_hints(StableDiffusionLoRA.__init__)
+        parts = {name: from_config(value, hints[name]) for name, value in given.items()}
+        parts["adapter"] = parts["adapter"] or AdapterConfig()
+        self.save_hyperparameters(ignore=list(parts))
+        self.hparams.update({name: to_config(value) for name, value in parts.items()})
+        self.adapter: AdapterConfig = parts["adapter"]
+        self.text_encoder_adapter: AdapterConfig | None = parts["text_encoder_adapter"]
+        self.text_encoder_2_adapter: AdapterConfig | None = parts["text_encoder_2_adapter"]
+        self.pivotal_tuning: PivotalTuning | None = parts["pivotal_tuning"]
         # None until configure_model reads the base's scheduler (see default_objective).
-        self.objective: DiffusionObjective | None = objective
-        self.save_hyperparameters(
-            ignore=[
-                "adapter",
-                "text_encoder_adapter",
-                "text_encoder_2_adapter",
-                "pivotal_tuning",
-                "objective",
-                "optimizer",
-                "family",
-            ]
-        )
-        self.hparams["optimizer"] = optimizer_config(optimizer)
-        self.hparams["adapter"] = dataclasses.asdict(self.adapter)
-        self.hparams["text_encoder_adapter"] = text_encoder_adapter and dataclasses.asdict(
-            text_encoder_adapter
-        )
-        self.hparams["text_encoder_2_adapter"] = text_encoder_2_adapter and dataclasses.asdict(
-            text_encoder_2_adapter
-        )
-        self.hparams["pivotal_tuning"] = pivotal_tuning and dataclasses.asdict(pivotal_tuning)
-        self.hparams["objective"] = to_config(self.objective)
-        self.hparams["family"] = to_config(family)
+        self.objective: DiffusionObjective | None = parts["objective"]
+        self.optimizer: OptimizerFactory | None = parts["optimizer"]
+        self.family: ModelFamily | None = parts["family"]
+        self.base_prior: BasePrior | None = parts["base_prior"]
         # The networks, set by configure_model under their diffusers names (unet or
         # transformer; text_encoder, text_encoder_2, text_encoder_3 as the family has them).
         self.vae = self.unet = self.transformer = None
@@ -226,6 +210,14 @@ class StableDiffusionLoRA(LightningModule):
             frozen = [self.denoiser, *self.text_encoders().values()]
             for model in frozen + ([self.vae] if h.vae_name_or_path else []):
                 model.to(dtype)
+        if self.base_prior is not None and (
+            self.adapter.kind == "full" or self.adapter.init in ("pissa", "olora")
+        ):
+            raise ValueError(
+                f"base_prior needs the base model behind switched-off adapters; adapter kind "
+                f"{self.adapter.kind!r} with init {self.adapter.init!r} changes the base "
+                "weights themselves: use class images (the data's class_data_dir) instead"
+            )
         if h.quantize_base is not None:  # before the adapters, which wrap the quantized layers
             if self.adapter.kind == "full":
                 raise ValueError(
@@ -330,6 +322,18 @@ class StableDiffusionLoRA(LightningModule):
             "lightning_sd_version": __version__,
         }
 
+    # Settings known not to change what ``text_embeddings`` returns; every other hparam (clip
+    # skip, pivotal tokens, settings added later) keys the text cache, so none is served stale.
+    TRAINING_ONLY_HPARAMS: ClassVar[frozenset[str]] = frozenset({
+        "adapter", "objective", "learning_rate", "text_encoder_lr", "text_encoder_2_lr",
+        "optimizer", "lr_scheduler", "lr_warmup_steps", "lr_power", "heldout_seed",
+        "vae_name_or_path", "gradient_checkpointing", "channels_last",
+    })  # fmt: skip
+
+    def text_settings(self) -> dict:
+        """The settings that may change ``text_embeddings``: what keys cached embeddings."""
+        return {k: v for k, v in self.hparams.items() if k not in self.TRAINING_ONLY_HPARAMS}
+
     def denoiser_fn(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """The denoiser as the objective calls it: ``model(x_in, t, **cond) -> output``."""
         return self.family.denoiser_fn(self.denoiser)(x, t, **cond)
@@ -408,10 +412,27 @@ class StableDiffusionLoRA(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         latents = self.batch_latents(batch)
         cond = self.batch_cond(batch, latents)
-        per_sample = self.objective.loss(self.denoiser_fn, latents, mask=batch.get("mask"), **cond)
+        priors: list[torch.Tensor] = []
+        model = self.training_denoiser(batch, latents, priors)
+        per_sample = self.objective.loss(model, latents, mask=batch.get("mask"), **cond)
         loss = (per_sample * batch["loss_weight"]).mean()
+        for prior in priors:  # BasePrior's term, from the same noisy latents
+            self.log("train/base_prior_loss", prior.mean(), batch_size=len(latents))
+            loss = loss + self.base_prior.weight * prior.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
         return loss
+
+    def training_denoiser(self, batch: dict, latents: torch.Tensor, priors: list):
+        """The network call the objective trains: with a ``BasePrior``, one that also runs the
+        class prompt through the adapted and the base network (its term goes to ``priors``)."""
+        if self.base_prior is None:
+            return self.denoiser_fn
+        prompts = [self.base_prior.class_prompt] * len(latents)
+        parts = [self.denoiser, *self.text_encoders().values()]
+        student = self.batch_cond({**batch, "cond": self.text_embeddings(prompts)}, latents)
+        with torch.no_grad(), adapters_disabled(parts):
+            teacher = self.batch_cond({**batch, "cond": self.text_embeddings(prompts)}, latents)
+        return with_base_prior(self.denoiser_fn, student, teacher, [self.denoiser], priors)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Held-out loss with noise and timesteps fixed by ``heldout_seed`` and the batch index.
@@ -481,7 +502,8 @@ class StableDiffusionLoRA(LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
-        """One optimizer group per trained part, each with its own learning rate.
+        """One optimizer group per trained part, each with its own learning rate; LoRA+ adds
+        a ``<part>.lora_B`` group at ``loraplus_lr_ratio`` times the part's rate.
 
         Empty groups are never created (DeepSpeed rejects them).
         """
@@ -492,17 +514,22 @@ class StableDiffusionLoRA(LightningModule):
             "text_encoder_2": h.text_encoder_2_lr if h.text_encoder_2_lr is not None else te_lr,
         }
         denoiser = self.family.denoiser_name
-        groups = [
-            {"name": denoiser, "params": trainable_parameters(self.denoiser), "lr": h.learning_rate}
-        ]
+        trained = dict(self.denoiser.named_parameters())
+        trained = {n: p for n, p in trained.items() if p.requires_grad}
+        groups = part_groups(denoiser, trained, h.learning_rate, self.adapter)
+        configs = self.text_encoder_adapters()
         new_rows = []
         for name, encoder in self.text_encoders().items():
             embedding = encoder.get_input_embeddings()
             rows = [embedding.new] if isinstance(embedding, ExtendedEmbedding) else []
             new_rows += rows
             # Adapters, or every weight under full fine-tuning; pivotal rows have their group.
-            params = [p for p in trainable_parameters(encoder) if all(p is not r for r in rows)]
-            groups.append({"name": name, "params": params, "lr": lrs.get(name, te_lr)})
+            params = {
+                n: p
+                for n, p in encoder.named_parameters()
+                if p.requires_grad and all(p is not r for r in rows)
+            }
+            groups += part_groups(name, params, lrs.get(name, te_lr), configs.get(name))
         if new_rows:  # pivotal tokens of every encoder: one rate, one stop step
             lr = self.pivotal_tuning.learning_rate
             groups.append({"name": "embeddings", "params": new_rows, "lr": lr, "weight_decay": 0.0})

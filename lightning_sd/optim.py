@@ -9,61 +9,30 @@ import path works, e.g.::
       class_path: bitsandbytes.optim.AdamW8bit   # pip install lightning-sd[bnb]
       init_args: {weight_decay: 1.0e-2}
 
+``serialization.to_config``/``from_config`` store and rebuild it like every other part.
 Every group carries its own ``lr`` (UNet, text encoders, pivotal tokens), which overrides the
 optimizer's ``lr`` argument.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-
-from lightning_sd.serialization import import_class
 
 __all__ = [
     "LRSchedule",
     "OptimizerFactory",
     "build_optimizer",
     "lr_lambda",
-    "optimizer_config",
-    "optimizer_factory",
 ]
 
 LRSchedule = Literal["constant", "linear", "cosine", "polynomial"]
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 
 DEFAULT_WEIGHT_DECAY = 1e-2
-
-
-def optimizer_config(factory: OptimizerFactory | dict | None) -> dict | None:
-    """The ``class_path``/``init_args`` form of an optimizer callable (None stays None)."""
-    if factory is None or isinstance(factory, dict):
-        return factory
-    init_args: dict[str, Any] = {}
-    cls = factory
-    if isinstance(factory, functools.partial):
-        # jsonargparse's partial holds the class among its positional arguments.
-        classes = [a for a in (factory.func, *factory.args) if isinstance(a, type)]
-        if not classes:
-            raise TypeError(f"cannot tell which optimizer class {factory!r} builds")
-        cls, init_args = classes[-1], dict(factory.keywords)
-    if not isinstance(cls, type):
-        raise TypeError(
-            f"optimizer must be an optimizer class or a functools.partial of one, got {factory!r}"
-        )
-    init_args = {k: list(v) if isinstance(v, tuple) else v for k, v in init_args.items()}
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
-
-
-def optimizer_factory(config: dict) -> OptimizerFactory:
-    """The callable a ``class_path``/``init_args`` dict describes."""
-    cls = import_class(config["class_path"])
-    args = {k: tuple(v) if k == "betas" else v for k, v in config.get("init_args", {}).items()}
-    return functools.partial(cls, **args)
 
 
 def build_optimizer(

@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "PRESETS",
+    "SD3_PRESETS",
     "TinyPreset",
     "build_clip_tokenizer",
     "build_tiny_pipeline",
@@ -74,6 +75,8 @@ PRESETS: dict[str, TinyPreset] = {
     # The same with Playground v2.5's EDM-native schedule and latent statistics.
     "tiny-playground": TinyPreset(32, (32, 64), (32, 64), 32, 2, text_width_2=48, edm=True),
 }
+# The SD3.5-Medium architecture (lightning_sd.tiny_sd3), with and without T5: preset -> t5.
+SD3_PRESETS: dict[str, bool] = {"tiny-sd3": True, "tiny-sd3-no-t5": False}
 
 
 def build_clip_tokenizer(out_dir: str | Path, pad_token: str = EOS):
@@ -293,17 +296,22 @@ def build_tiny_pipeline(out_dir: str | Path, preset: str = "tiny", seed: int = 0
     Args:
         out_dir: destination folder; it must not exist yet or must be empty.
         preset: one of ``PRESETS`` (``tiny`` for tests, ``small`` for benchmarks,
-            ``tiny-sdxl`` / ``tiny-playground`` for the SDXL architecture), or
+            ``tiny-sdxl`` / ``tiny-playground`` for the SDXL architecture), ``tiny-sd3`` /
+            ``tiny-sd3-no-t5`` for SD3.5 Medium's (``lightning_sd.tiny_sd3``), or
             ``tiny-pretrained``: a copy of the shipped pretrained base (32 px, trained on
             emoji; ``lightning_sd.pretrained``), which ``seed`` does not change.
         seed: seeds every component's initialisation, so a preset and seed name one model.
 
     Returns:
         The folder, loadable with ``StableDiffusionPipeline.from_pretrained(out_dir)`` (SDXL
-        presets: ``StableDiffusionXLPipeline``).
+        presets: ``StableDiffusionXLPipeline``; SD3: ``StableDiffusion3Pipeline``).
     """
+    if preset in SD3_PRESETS:
+        from lightning_sd.tiny_sd3 import build_tiny_sd3_pipeline
+
+        return build_tiny_sd3_pipeline(out_dir, seed, t5=SD3_PRESETS[preset])
     if preset not in PRESETS and preset != "tiny-pretrained":
-        choices = sorted(PRESETS) + ["tiny-pretrained"]
+        choices = sorted(PRESETS) + sorted(SD3_PRESETS) + ["tiny-pretrained"]
         raise ValueError(f"unknown tiny preset {preset!r}; choose one of {choices}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -1,5 +1,5 @@
-"""Session-wide fixtures: tiny pipelines (SD1.x, SDXL, EDM-native SDXL) and one instance set,
-built offline, shared by all."""
+"""Session-wide fixtures: tiny pipelines (SD1.x, SDXL, EDM-native SDXL, SD3.5 Medium) and one
+instance set, built offline, shared by all."""
 
 from __future__ import annotations
 
@@ -36,6 +36,16 @@ def tiny_playground_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("pipelines") / "playground"
     return build_tiny_pipeline(out, "tiny-playground", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """SD3.5 Medium's architecture (MMDiT with attn2, two CLIPs, T5), through the CLI's preset."""
+    from lightning_sd.cli import main
+
+    out = tmp_path_factory.mktemp("pipelines") / "sd3"
+    main(["tiny-pipeline", str(out), "--preset", "tiny-sd3"])
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from lightning import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_sd import AdapterConfig, CaptionDataModule, DreamBoothDataModule, StableDiffusionLoRA
+from lightning_sd.data.settings import LoaderSettings
 
 
 def trainer(root, max_steps=1, **kwargs):
@@ -27,7 +28,10 @@ def trainer(root, max_steps=1, **kwargs):
 
 def data(instance_dir, resolution=32):
     return DreamBoothDataModule(
-        str(instance_dir), "a photo of sks cat", resolution=resolution, batch_size=2
+        str(instance_dir),
+        "a photo of sks cat",
+        resolution=resolution,
+        loader=LoaderSettings(batch_size=2),
     )
 
 
@@ -54,7 +58,7 @@ def test_counts_must_be_at_least_one(tmp_path):
     with pytest.raises(ValueError, match="adapter rank must be >= 1, got 0"):
         AdapterConfig(rank=0)
     with pytest.raises(ValueError, match="data batch_size must be >= 1, got 0"):
-        DreamBoothDataModule(str(tmp_path), "a photo", batch_size=0)
+        DreamBoothDataModule(str(tmp_path), "a photo", loader=LoaderSettings(batch_size=0))
     with pytest.raises(ValueError, match="data resolution must be >= 1, got 0"):
         CaptionDataModule(source={"class_path": "unused"}, resolution=0)
 

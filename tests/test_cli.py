@@ -91,3 +91,23 @@ def test_extending_a_finished_cli_run_matches_the_longer_run_exactly(
     assert extended.keys() == straight_six.keys()
     for key, tensor in straight_six.items():
         assert torch.equal(tensor, extended[key]), key
+
+
+def test_sampling_callbacks_read_one_spec_from_yaml(tmp_path):
+    """The grids' and the metrics' prompts, seeds and sampler settings are one ``sampling:``."""
+    from lightning_sd.callbacks import Evaluation, ValidationSampling
+    from lightning_sd.sampling import DPMPP2M
+    from lightning_sd.sampling_spec import SamplingSpec
+
+    configs = [
+        BASE.parent / "callbacks" / f"{n}.yaml" for n in ("validation_sampling", "evaluation")
+    ]
+    args = ["--config", str(BASE), "--trainer.default_root_dir", str(tmp_path)]
+    cli = build_cli([*args, "--config", str(configs[0]), "--config", str(configs[1])], run=False)
+    sampling = next(c for c in cli.trainer.callbacks if isinstance(c, ValidationSampling)).sampling
+    evaluation = next(c for c in cli.trainer.callbacks if isinstance(c, Evaluation)).sampling
+    assert isinstance(sampling, SamplingSpec) and isinstance(evaluation, SamplingSpec)
+    assert sampling.prompts[0] == "a photo of sks cat" and sampling.seeds == [0, 1, 2, 3]
+    assert (sampling.steps, sampling.guidance_scale) == (25, 5.0)
+    assert isinstance(sampling.sampler, DPMPP2M) and evaluation.sampler is None
+    assert evaluation.size == 16

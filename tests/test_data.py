@@ -9,10 +9,13 @@ from lightning_sd.data import (
     list_images,
     open_rgb,
 )
+from lightning_sd.data.settings import LoaderSettings
 
 
 def test_batches_are_normalised_images_with_prompt_and_weight(instance_dir):
-    dm = DreamBoothDataModule(str(instance_dir), "a photo of sks cat", resolution=32, batch_size=3)
+    dm = DreamBoothDataModule(
+        str(instance_dir), "a photo of sks cat", resolution=32, loader=LoaderSettings(batch_size=3)
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
@@ -127,7 +130,9 @@ def test_transform_records_the_crop_for_micro_conditioning():
 
 
 def test_repeats_and_too_small_instance_images(instance_dir, tmp_path):
-    dm = DreamBoothDataModule(str(instance_dir), "p", resolution=32, repeats=3, batch_size=8)
+    dm = DreamBoothDataModule(
+        str(instance_dir), "p", resolution=32, repeats=3, loader=LoaderSettings(batch_size=8)
+    )
     dm.setup("fit")
     assert len(dm.train_set) == 24 and len(list(dm.train_dataloader())) == 3
     folder = tmp_path / "small"

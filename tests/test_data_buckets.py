@@ -19,6 +19,7 @@ from lightning_sd.data import (
     make_buckets,
 )
 from lightning_sd.data.keys import sample_key, split_key
+from lightning_sd.data.settings import LoaderSettings
 
 
 def test_buckets_hold_about_the_pixel_budget_in_multiples():
@@ -130,9 +131,14 @@ def test_bucketed_datamodule_batches_have_one_shape_and_cover_every_image(tmp_pa
     sizes = SIZES
     source = SidecarCaptions(str(_bucketed_photos(tmp_path / "photos")))
     dm = CaptionDataModule(
-        source, resolution=32, bucketing=True, bucket_multiple=8, batch_size=2,
-        random_flip=True, repeats=2,
-    )  # fmt: skip
+        source,
+        resolution=32,
+        bucketing=True,
+        bucket_multiple=8,
+        random_flip=True,
+        repeats=2,
+        loader=LoaderSettings(batch_size=2),
+    )
     dm.setup("fit")
     seen = Counter()
     shapes = set()
@@ -172,9 +178,12 @@ def test_ddp_ranks_run_equal_steps_on_one_bucket_batches(tmp_path):
 
     folder = _bucketed_photos(tmp_path / "photos")
     dm = CaptionDataModule(
-        SidecarCaptions(str(folder)), resolution=32, bucketing=True, bucket_multiple=8,
-        batch_size=2,
-    )  # fmt: skip
+        SidecarCaptions(str(folder)),
+        resolution=32,
+        bucketing=True,
+        bucket_multiple=8,
+        loader=LoaderSettings(batch_size=2),
+    )
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

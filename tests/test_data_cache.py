@@ -14,6 +14,7 @@ from lightning_sd.data import (
 )
 from lightning_sd.data.cache import latent_key, model_fingerprint
 from lightning_sd.data.keys import sample_generator, sample_key
+from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.encoding import vae_posterior
 from lightning_sd.module import StableDiffusionLoRA
 
@@ -45,12 +46,21 @@ def module(tiny_pipeline_dir):
 
 def test_cached_latents_and_embeddings_equal_fresh_ones(module, photos, tmp_path):
     dm = CaptionDataModule(
-        SidecarCaptions(str(photos)), resolution=32, bucketing=True, bucket_multiple=8,
-        random_flip=True, validation_split=0.34, batch_size=2, cache_dir=str(tmp_path),
-        cache_latents=True, cache_text_embeddings=True,
-    )  # fmt: skip
+        SidecarCaptions(str(photos)),
+        resolution=32,
+        bucketing=True,
+        bucket_multiple=8,
+        random_flip=True,
+        validation_split=0.34,
+        loader=LoaderSettings(batch_size=2),
+        cache=CacheSettings(dir=str(tmp_path), latents=True, text_embeddings=True),
+    )
     dm.setup("fit")
+    built = dm.train_set
     stats = dm.fill_cache(module)
+    # The fill serves cached copies and leaves the datasets setup built as they were.
+    assert built.cached is None and dm.train_set.cached is not None
+    assert dm.train_set is not built and dm.train_set.records is built.records
     # 4 training images x (image, mirror) + 2 held-out images unflipped; 6 captions.
     assert stats == CacheStats(latents_encoded=10, latents_cached=0, texts_encoded=6)
     cache = LatentCache(tmp_path)
@@ -139,11 +149,17 @@ def test_training_from_the_cache_never_calls_the_encoders(
 ):
     def data():
         return DreamBoothDataModule(
-            str(instance_dir), "a photo of sks cat", resolution=32, batch_size=2,
-            center_crop=True, random_flip=True, class_data_dir=str(photos),
-            class_prompt="a photo", num_class_images=4, cache_dir=str(tmp_path),
-            cache_latents=True, cache_text_embeddings=True,
-        )  # fmt: skip
+            str(instance_dir),
+            "a photo of sks cat",
+            resolution=32,
+            center_crop=True,
+            random_flip=True,
+            class_data_dir=str(photos),
+            class_prompt="a photo",
+            num_class_images=4,
+            loader=LoaderSettings(batch_size=2),
+            cache=CacheSettings(dir=str(tmp_path), latents=True, text_embeddings=True),
+        )
 
     dm = data()
     first = _fit(tiny_pipeline_dir, dm, monkeypatch)
@@ -165,9 +181,11 @@ def test_a_modified_image_setting_or_vae_is_encoded_afresh(module, tmp_path):
 
     def fill(resolution=32):
         dm = CaptionDataModule(
-            SidecarCaptions(str(folder)), resolution=resolution, center_crop=True,
-            cache_dir=str(tmp_path / "cache"), cache_latents=True,
-        )  # fmt: skip
+            SidecarCaptions(str(folder)),
+            resolution=resolution,
+            center_crop=True,
+            cache=CacheSettings(dir=str(tmp_path / "cache"), latents=True),
+        )
         dm.setup("fit")
         return dm, dm.fill_cache(module)
 
@@ -217,13 +235,13 @@ def test_keys_change_with_everything_that_changes_the_tensors(module):
 def test_caching_that_would_serve_wrong_tensors_is_refused(module, photos, tmp_path):
     source = SidecarCaptions(str(photos))
     with pytest.raises(ValueError, match="center_crop: true or bucketing: true"):
-        CaptionDataModule(source, resolution=32, cache_latents=True)
+        CaptionDataModule(source, resolution=32, cache=CacheSettings(latents=True))
     with pytest.raises(ValueError, match="center_crop: true"):
-        DreamBoothDataModule(str(photos), "p", resolution=32, cache_latents=True)
+        DreamBoothDataModule(str(photos), "p", resolution=32, cache=CacheSettings(latents=True))
     with pytest.raises(ValueError, match="shuffled tags"):
-        CaptionDataModule(source, cache_text_embeddings=True, shuffle_tags=True)
+        CaptionDataModule(source, shuffle_tags=True, cache=CacheSettings(text_embeddings=True))
     dm = CaptionDataModule(
-        source, resolution=32, cache_text_embeddings=True, cache_dir=str(tmp_path)
+        source, resolution=32, cache=CacheSettings(text_embeddings=True, dir=str(tmp_path))
     )
     dm.setup("fit")
     module.text_encoder.get_input_embeddings().weight.requires_grad_(True)

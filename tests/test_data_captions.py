@@ -234,7 +234,7 @@ def test_captions_recipe_fits_with_buckets_and_cache(tiny_pipeline_dir, sidecar_
         "--config", str(CONFIGS / "experiments" / "captions_tiny.yaml"),
         "--model.pretrained_model_name_or_path", str(tiny_pipeline_dir),
         "--data.source.init_args.folder", str(sidecar_dir),
-        "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.cache.dir", str(tmp_path / "cache"),
         "--trainer.max_steps", "3",
         "--trainer.default_root_dir", str(tmp_path),
     ])  # fmt: skip

@@ -9,6 +9,7 @@ from PIL import Image
 
 from lightning_sd.cli import main
 from lightning_sd.data import DreamBoothDataModule, generate_class_images
+from lightning_sd.data.settings import LoaderSettings
 from lightning_sd.module import StableDiffusionLoRA
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -28,10 +29,16 @@ def class_dir(tmp_path_factory):
 
 def test_batches_pair_instance_and_class_samples_with_their_weights(instance_dir, class_dir):
     dm = DreamBoothDataModule(
-        str(instance_dir), INSTANCE, resolution=32, batch_size=2, random_flip=True,
-        class_data_dir=str(class_dir), class_prompt=CLASS, num_class_images=5,
+        str(instance_dir),
+        INSTANCE,
+        resolution=32,
+        random_flip=True,
+        class_data_dir=str(class_dir),
+        class_prompt=CLASS,
+        num_class_images=5,
         prior_loss_weight=0.25,
-    )  # fmt: skip
+        loader=LoaderSettings(batch_size=2),
+    )
     dm.setup("fit")
     assert len(dm.train_set) == 8  # max(8 instance photos, 5 class images)
     batches = list(dm.train_dataloader())
@@ -50,10 +57,16 @@ def test_module_loss_is_the_weighted_mean_of_per_sample_losses(
     tiny_pipeline_dir, instance_dir, class_dir
 ):
     dm = DreamBoothDataModule(
-        str(instance_dir), INSTANCE, resolution=32, batch_size=2, center_crop=True,
-        class_data_dir=str(class_dir), class_prompt=CLASS, num_class_images=5,
+        str(instance_dir),
+        INSTANCE,
+        resolution=32,
+        center_crop=True,
+        class_data_dir=str(class_dir),
+        class_prompt=CLASS,
+        num_class_images=5,
         prior_loss_weight=0.3,
-    )  # fmt: skip
+        loader=LoaderSettings(batch_size=2),
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     module = StableDiffusionLoRA(str(tiny_pipeline_dir))
@@ -138,3 +151,18 @@ def test_dreambooth_prior_recipe_generates_class_images_and_fits(
     generated = sorted(p.name for p in class_folder.iterdir())
     assert generated == [f"class_{i:05d}.png" for i in range(8)]  # num_class_images: 8
     assert list(tmp_path.rglob("pytorch_lora_weights.safetensors"))
+
+
+def test_a_class_folder_with_more_images_serves_only_num_class_images(instance_dir, class_dir):
+    dm = DreamBoothDataModule(
+        str(instance_dir),
+        INSTANCE,
+        resolution=32,
+        class_data_dir=str(class_dir),
+        class_prompt=CLASS,
+        num_class_images=3,
+        loader=LoaderSettings(batch_size=2),
+    )
+    dm.setup("fit")
+    assert [r.ref.path.name for r in dm.class_set.records] == ["0.png", "1.png", "2.png"]
+    assert dm.train_set.prior is dm.class_set and len(dm.train_set) == 8

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
 from lightning_sd.callbacks.evaluation import Evaluation
+from lightning_sd.data.settings import LoaderSettings
 from lightning_sd.metrics import (
     CLIPMetrics,
     DINOSimilarity,
@@ -21,6 +22,7 @@ from lightning_sd.metrics import (
     MetricWeightsError,
 )
 from lightning_sd.metrics.tiny import write_tiny_dino
+from lightning_sd.sampling_spec import SamplingSpec
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
 CPU = torch.device("cpu")
@@ -192,9 +194,11 @@ def test_missing_weights_fail_before_the_first_step(
 ):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     module = StableDiffusionLoRA(str(tiny_pipeline_dir))
-    data = DreamBoothDataModule(str(instance_dir), PROMPT, resolution=32, batch_size=2)
+    data = DreamBoothDataModule(
+        str(instance_dir), PROMPT, resolution=32, loader=LoaderSettings(batch_size=2)
+    )
     counter = StepCounter()
-    evaluation = Evaluation([metric], [PROMPT], seeds=[0, 1])
+    evaluation = Evaluation([metric], SamplingSpec([PROMPT], [0, 1]))
     trainer = Trainer(max_steps=2, logger=False, callbacks=[evaluation, counter], **QUIET)
     with pytest.raises(MetricWeightsError, match=message):
         trainer.fit(module, data)
@@ -202,7 +206,7 @@ def test_missing_weights_fail_before_the_first_step(
 
 
 def test_metrics_needing_references_fail_without_them():
-    evaluation = Evaluation([FrechetDistance(EfficientNetLite0())], [PROMPT], seeds=[0, 1])
+    evaluation = Evaluation([FrechetDistance(EfficientNetLite0())], SamplingSpec([PROMPT], [0, 1]))
     trainer = Trainer(logger=False, **QUIET)
     with pytest.raises(ValueError, match="FrechetDistance compare with real images"):
         evaluation.setup(trainer, None, "fit")
@@ -225,14 +229,19 @@ def evaluated_fit(tiny_pipeline_dir, instance_dir, tiny_clip, tiny_dino, tmp_pat
     module = StableDiffusionLoRA(str(tiny_pipeline_dir), adapter=AdapterConfig(rank=4, alpha=8))
     module.configure_model()
     n_params = sum(p.numel() for p in module.parameters())
-    data = DreamBoothDataModule(str(instance_dir), PROMPT, resolution=32, batch_size=2)
+    data = DreamBoothDataModule(
+        str(instance_dir), PROMPT, resolution=32, loader=LoaderSettings(batch_size=2)
+    )
     metrics = [
         CLIPMetrics(f"local-dir:{tiny_clip[1]}", None),
         FrechetDistance(PooledPixels()),
         DINOSimilarity(str(tiny_dino), model_name="test_vit"),
     ]
     evaluation = Evaluation(
-        metrics, [PROMPT, "a dog"], seeds=[0, 1], every_n_steps=2, before_training=True, steps=2
+        metrics,
+        SamplingSpec([PROMPT, "a dog"], [0, 1], steps=2),
+        every_n_steps=2,
+        before_training=True,
     )
     root = tmp_path_factory.mktemp("evaluated")
     trainer = Trainer(
@@ -270,7 +279,9 @@ def test_heldout_loss_is_identical_across_evaluations_and_evaluation_in_validate
     first, second = validate([], 1), validate([], 2)
     assert first["val/loss"] == second["val/loss"] > 0
     evaluation = Evaluation(
-        [FrechetDistance(PooledPixels())], [PROMPT], seeds=[0, 1], steps=2, at_validation=True
+        [FrechetDistance(PooledPixels())],
+        SamplingSpec([PROMPT], [0, 1], steps=2),
+        at_validation=True,
     )
     with_eval = validate([evaluation], 3)
     again = validate([evaluation], 4)

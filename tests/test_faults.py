@@ -20,6 +20,7 @@ from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoR
 from lightning_sd.callbacks import FaultTolerance, NonFiniteLossError
 from lightning_sd.checkpoint_io import AtomicCheckpointIO
 from lightning_sd.convert import convert_checkpoint
+from lightning_sd.data.settings import LoaderSettings
 from lightning_sd.lora_io import read_safetensors
 
 
@@ -56,7 +57,7 @@ def make_run(pipeline, instance_dir):
     seed_everything(0)
     module = StableDiffusionLoRA(str(pipeline), adapter=AdapterConfig(rank=2), learning_rate=1e-3)
     data = DreamBoothDataModule(
-        str(instance_dir), "a photo of sks cat", resolution=32, batch_size=2
+        str(instance_dir), "a photo of sks cat", resolution=32, loader=LoaderSettings(batch_size=2)
     )
     return module, data
 

@@ -12,6 +12,7 @@ from lightning_sd.data import BadImageError, CaptionDataModule, SidecarCaptions
 from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.images import list_images
 from lightning_sd.data.records import FileRef, SourceItem, scan_items
+from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.data.transforms import ImageTransform
 from lightning_sd.objectives import DiffusionObjective, DiscreteSchedule, Huber, VPrediction
 from lightning_sd.objectives.masking import reduce_per_sample
@@ -139,7 +140,10 @@ def test_caption_datamodule_serves_masks_to_a_training_step(masked_dir, tiny_pip
     from lightning_sd.module import StableDiffusionLoRA
 
     dm = CaptionDataModule(
-        SidecarCaptions(str(masked_dir)), resolution=32, batch_size=3, masked_loss=True
+        SidecarCaptions(str(masked_dir)),
+        resolution=32,
+        masked_loss=True,
+        loader=LoaderSettings(batch_size=3),
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -161,7 +165,7 @@ def test_cached_masks_are_the_area_averaged_masks_flipped_with_their_latents(
     module.configure_model()
     kwargs = dict(resolution=32, bucketing=True, bucket_multiple=8, random_flip=True)
     cached = CaptionDataModule(
-        SidecarCaptions(str(masked_dir)), cache_dir=str(tmp_path), cache_latents=True,
+        SidecarCaptions(str(masked_dir)), cache=CacheSettings(latents=True, dir=str(tmp_path)),
         masked_loss=True, **kwargs,
     )  # fmt: skip
     cached.setup("fit")
@@ -180,7 +184,7 @@ def test_cached_masks_are_the_area_averaged_masks_flipped_with_their_latents(
     try:
         Image.new("L", (48, 40), 7).save(mask_file)
         again = CaptionDataModule(
-            SidecarCaptions(str(masked_dir)), cache_dir=str(tmp_path), cache_latents=True,
+            SidecarCaptions(str(masked_dir)), cache=CacheSettings(latents=True, dir=str(tmp_path)),
             masked_loss=True, **kwargs,
         )  # fmt: skip
         again.setup("fit")

@@ -5,6 +5,7 @@ import torch
 from lightning import Trainer, seed_everything
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, LoRAExport, StableDiffusionLoRA
+from lightning_sd.data.settings import LoaderSettings
 
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
 PROMPT = "a photo of sks cat"
@@ -21,7 +22,9 @@ def fitted(tiny_pipeline_dir, instance_dir, tmp_path_factory):
     module = StableDiffusionLoRA(
         str(tiny_pipeline_dir), adapter=AdapterConfig(rank=4, alpha=8), learning_rate=1e-2
     )
-    data = DreamBoothDataModule(str(instance_dir), PROMPT, resolution=32, batch_size=4)
+    data = DreamBoothDataModule(
+        str(instance_dir), PROMPT, resolution=32, loader=LoaderSettings(batch_size=4)
+    )
     before = heldout(module, data)
     export = LoRAExport(dirpath=str(tmp_path_factory.mktemp("export")))
     trainer = Trainer(

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
 from lightning_sd.callbacks import FaultTolerance, NonFiniteLossError
+from lightning_sd.data.settings import LoaderSettings
 
 
 class AtStep(Callback):
@@ -53,7 +54,7 @@ def make_run(pipeline, instance_dir, learning_rate=1e-3):
         str(pipeline), adapter=AdapterConfig(rank=2), learning_rate=learning_rate
     )
     data = DreamBoothDataModule(
-        str(instance_dir), "a photo of sks cat", resolution=32, batch_size=2
+        str(instance_dir), "a photo of sks cat", resolution=32, loader=LoaderSettings(batch_size=2)
     )
     return module, data
 

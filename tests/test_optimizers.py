@@ -8,10 +8,12 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_sd import StableDiffusionLoRA
 from lightning_sd.cli import build_cli
-from lightning_sd.optim import build_optimizer, lr_lambda, optimizer_config, optimizer_factory
+from lightning_sd.optim import build_optimizer, lr_lambda
+from lightning_sd.serialization import from_config, to_config
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +83,18 @@ def test_deepspeed_cpu_adam_is_the_default_under_optimizer_offload(module):
 
 def test_optimizer_configs_round_trip_through_hparams_and_yaml(module, tiny_pipeline_dir):
     factory = factories()["prodigy"]
-    config = optimizer_config(factory)
+    config = to_config(factory)
     assert config == {
         "class_path": "prodigyopt.prodigy.Prodigy",
         "init_args": {"safeguard_warmup": True, "use_bias_correction": True},
     }
-    rebuilt = optimizer_factory(config)
+    rebuilt = from_config(config, OptimizerCallable)
     assert rebuilt.func is factory.func and rebuilt.keywords == factory.keywords
+    # betas is a tuple in Python and a list in YAML; the optimizer takes either.
+    adam = to_config(functools.partial(torch.optim.AdamW, betas=(0.8, 0.9)))
+    assert adam["init_args"] == {"betas": [0.8, 0.9]}
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert from_config(adam, OptimizerCallable)(params).param_groups[0]["betas"] == (0.8, 0.9)
     # From YAML: LightningCLI's partial; stored in hparams as plain data, rebuilt on load.
     cli = build_cli(
         [
@@ -104,7 +111,7 @@ def test_optimizer_configs_round_trip_through_hparams_and_yaml(module, tiny_pipe
     again = StableDiffusionLoRA(**{k: v for k, v in cli.model.hparams.items() if k[0] != "_"})
     assert again.hparams.optimizer == stored
     with pytest.raises(TypeError, match="optimizer class"):
-        optimizer_config(lambda params: torch.optim.SGD(params, lr=1))
+        to_config(lambda params: torch.optim.SGD(params, lr=1))
 
 
 def test_schedules_follow_their_formulas():

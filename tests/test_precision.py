@@ -5,6 +5,7 @@ import torch
 from lightning import Trainer
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
+from lightning_sd.data.settings import LoaderSettings
 
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -17,7 +18,7 @@ def test_bf16_mixed_keeps_adapters_float32(tiny_pipeline_dir, instance_dir):
         gradient_checkpointing=True,
     )
     data = DreamBoothDataModule(
-        str(instance_dir), "a photo of sks cat", resolution=32, batch_size=2
+        str(instance_dir), "a photo of sks cat", resolution=32, loader=LoaderSettings(batch_size=2)
     )
     trainer = Trainer(
         max_steps=3,

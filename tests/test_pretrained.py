@@ -4,6 +4,7 @@ unseen images, and a short DreamBooth LoRA learns the held-out subject (slow).""
 import pytest
 import torch
 
+from lightning_sd.data.settings import LoaderSettings
 from lightning_sd.pretrained.base import pretrained_path
 from lightning_sd.pretrained.subject import load_images, subject_dir
 
@@ -58,7 +59,10 @@ def test_short_dreambooth_learns_the_held_out_subject(tmp_path):
         "tiny-pretrained", adapter=AdapterConfig(rank=8), learning_rate=1e-3, lr_warmup_steps=10
     )
     data = DreamBoothDataModule(
-        str(subject_dir("instance")), SUBJECT_PROMPT, resolution=32, batch_size=4
+        str(subject_dir("instance")),
+        SUBJECT_PROMPT,
+        resolution=32,
+        loader=LoaderSettings(batch_size=4),
     )
     module.configure_model()
     probe = SubjectProbe(seeds=[0, 1, 2, 3], steps=10)

@@ -5,7 +5,10 @@ import sys
 
 import lightning_sd
 
-HEAVY = ("lightning", "pytorch_lightning", "datasets", "torchmetrics", "open_clip")
+HEAVY = (
+    "lightning", "pytorch_lightning", "datasets", "torchmetrics", "open_clip", "diffusers",
+    "transformers",
+)  # fmt: skip
 
 
 def test_every_exported_name_resolves():

@@ -13,6 +13,7 @@ from lightning import Callback, Trainer, seed_everything
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
 from lightning_sd.callbacks import FaultTolerance, LastCheckpoint
+from lightning_sd.data.settings import LoaderSettings
 
 N = 3
 
@@ -49,7 +50,11 @@ def fit(
         lr_warmup_steps=2,
     )
     data = DreamBoothDataModule(
-        str(instance_dir), "a photo of sks cat", resolution=32, batch_size=4, random_flip=True
+        str(instance_dir),
+        "a photo of sks cat",
+        resolution=32,
+        random_flip=True,
+        loader=LoaderSettings(batch_size=4),
     )
     recorder = LossRecorder(stop_at)
     trainer = Trainer(

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
 from lightning_sd.callbacks.export import export_adapters
+from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.encoding import unet_conditioning
 from lightning_sd.families.sdxl import time_ids
 from lightning_sd.lora_io import load_lora_into
@@ -170,7 +171,9 @@ def test_time_ids_match_the_pipeline_for_data_crops(tiny_sdxl_dir, tmp_path):
     cat = Image.fromarray(photos.chelsea())
     for i, size in enumerate([(56, 40), (40, 72), (48, 48), (64, 36)]):
         cat.resize(size).save(tmp_path / f"{i}.png")
-    data = DreamBoothDataModule(str(tmp_path), PROMPT, resolution=32, batch_size=4)
+    data = DreamBoothDataModule(
+        str(tmp_path), PROMPT, resolution=32, loader=LoaderSettings(batch_size=4)
+    )
     data.setup("fit")
     torch.manual_seed(0)
     batch = next(iter(data.train_dataloader()))
@@ -277,7 +280,9 @@ def test_v_prediction_fit_trains_unet_and_text_encoder_2(tiny_sdxl_dir, instance
         objective=OBJECTIVES["v"],
         learning_rate=1e-2,
     )
-    data = DreamBoothDataModule(str(instance_dir), PROMPT, resolution=32, batch_size=2)
+    data = DreamBoothDataModule(
+        str(instance_dir), PROMPT, resolution=32, loader=LoaderSettings(batch_size=2)
+    )
     trainer = Trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=False, **QUIET)
     trainer.fit(module, data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -356,9 +361,13 @@ def test_edm_native_model_trains_and_samples_with_its_own_schedule(tiny_playgrou
 def test_text_cache_holds_pooled_embeddings(tiny_sdxl_dir, instance_dir, tmp_path):
     module = StableDiffusionLoRA(str(tiny_sdxl_dir))
     data = DreamBoothDataModule(
-        str(instance_dir), PROMPT, resolution=32, center_crop=True, batch_size=2,
-        cache_dir=str(tmp_path), cache_latents=True, cache_text_embeddings=True,
-    )  # fmt: skip
+        str(instance_dir),
+        PROMPT,
+        resolution=32,
+        center_crop=True,
+        loader=LoaderSettings(batch_size=2),
+        cache=CacheSettings(dir=str(tmp_path), latents=True, text_embeddings=True),
+    )
     data.setup("fit")
     data.fill_cache(module)
     batch = next(iter(data.train_dataloader()))
@@ -376,9 +385,12 @@ def test_text_cache_holds_pooled_embeddings(tiny_sdxl_dir, instance_dir, tmp_pat
     # A trainable second text encoder makes cached embeddings stale: refused.
     module.text_encoder_2.get_input_embeddings().weight.requires_grad_(True)
     again = DreamBoothDataModule(
-        str(instance_dir), PROMPT, resolution=32, center_crop=True,
-        cache_dir=str(tmp_path), cache_text_embeddings=True,
-    )  # fmt: skip
+        str(instance_dir),
+        PROMPT,
+        resolution=32,
+        center_crop=True,
+        cache=CacheSettings(dir=str(tmp_path), text_embeddings=True),
+    )
     again.setup("fit")
     with pytest.raises(ValueError, match="frozen text encoder"):
         again.fill_cache(module)

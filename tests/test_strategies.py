@@ -110,7 +110,7 @@ def test_ddp_two_cpu_processes_end_with_identical_adapters_and_export_once(
         "--trainer.default_root_dir", str(tmp_path / "run"),
         "--model.pretrained_model_name_or_path", str(tiny_pipeline_dir),
         "--data.instance_data_dir", str(instance_dir),
-        "--data.batch_size", "2",
+        "--data.loader.batch_size", "2",
         "--data.class_data_dir", str(class_dir),
         "--data.class_prompt", "a photo of a cat",
         "--data.num_class_images", "3",

@@ -12,8 +12,10 @@ from PIL import Image, ImageFont
 
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA
 from lightning_sd.callbacks.validation_sampling import ValidationSampling, log_grid
+from lightning_sd.data.settings import LoaderSettings
 from lightning_sd.metrics.samples import undisturbed
 from lightning_sd.sampling import Euler
+from lightning_sd.sampling_spec import SamplingSpec, sample_grid
 
 PROMPTS = ["a photo of sks cat", "a dog"]
 SEEDS = [0, 1, 2]
@@ -37,7 +39,11 @@ def fit(pipeline, instance_dir, root, callbacks, logger=False):
         str(pipeline), adapter=AdapterConfig(rank=4, alpha=8), learning_rate=1e-2
     )
     data = DreamBoothDataModule(
-        str(instance_dir), "a photo of sks cat", resolution=32, batch_size=2, random_flip=True
+        str(instance_dir),
+        "a photo of sks cat",
+        resolution=32,
+        random_flip=True,
+        loader=LoaderSettings(batch_size=2),
     )
     recorder = LossRecorder()
     trainer = Trainer(
@@ -59,8 +65,8 @@ def runs(tiny_pipeline_dir, instance_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sampling")
     _, plain = fit(tiny_pipeline_dir, instance_dir, root / "plain", [])
     sampling = ValidationSampling(
-        PROMPTS, SEEDS, every_n_steps=2, before_training=True, steps=3, sampler=Euler(),
-        cell_size=CELL,
+        SamplingSpec(PROMPTS, SEEDS, steps=3, sampler=Euler()), every_n_steps=2,
+        before_training=True, cell_size=CELL,
     )  # fmt: skip
     loggers = [TensorBoardLogger(root / "logs"), CSVLogger(root / "logs")]
     module, losses = fit(tiny_pipeline_dir, instance_dir, root, [sampling], loggers)
@@ -131,7 +137,7 @@ def test_log_grid_uses_wandb_log_image_and_names_loggers_without_images(tmp_path
 
 
 def test_other_ranks_do_not_sample(tmp_path):
-    sampling = ValidationSampling(["x"], [0], dirpath=str(tmp_path))
+    sampling = ValidationSampling(SamplingSpec(["x"], [0]), dirpath=str(tmp_path))
     trainer = SimpleNamespace(is_global_zero=False, global_step=2)
     assert sampling.sample(trainer, pl_module=None) is None
     assert not any(tmp_path.iterdir())
@@ -152,13 +158,37 @@ def test_undisturbed_restores_modes_and_every_rng():
 
 
 def test_negative_prompts_one_or_one_per_prompt():
-    assert ValidationSampling(["a", "b"], negative_prompt="blurry").negative_prompts == [
+    assert SamplingSpec(["a", "b"], negative_prompt="blurry").negative_prompts == [
         "blurry",
         "blurry",
     ]
-    assert ValidationSampling(["a", "b"], negative_prompt=["x", "y"]).negative_prompts == ["x", "y"]
+    assert SamplingSpec(["a", "b"], negative_prompt=["x", "y"]).negative_prompts == ["x", "y"]
     with pytest.raises(ValueError, match="2 negative prompts for 3 prompts"):
-        ValidationSampling(["a", "b", "c"], negative_prompt=["x", "y"])
+        SamplingSpec(["a", "b", "c"], negative_prompt=["x", "y"])
+    with pytest.raises(ValueError, match="at least one prompt and one seed"):
+        SamplingSpec(["a"], seeds=[])
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        SamplingSpec(["a"], steps=0)
+
+
+def test_sample_grid_samples_row_by_row_with_the_spec_settings():
+    """The one grid loop: a batch per prompt, its seeds, its negative prompt, the settings."""
+    calls = []
+
+    def fake(prompts, seeds, **settings):
+        calls.append((prompts, seeds, settings))
+        return torch.full((len(seeds), 3, 2, 2), float(len(calls)))
+
+    sampler = Euler()
+    spec = SamplingSpec(["a", "b"], [7, 8, 9], ["na", "nb"], 3, 2.5, sampler, 64)
+    images = sample_grid(spec, fake)
+    settings = dict(steps=3, guidance_scale=2.5, resolution=64, sampler=sampler)
+    assert calls == [
+        (["a"] * 3, [7, 8, 9], {**settings, "negative_prompt": "na"}),
+        (["b"] * 3, [7, 8, 9], {**settings, "negative_prompt": "nb"}),
+    ]
+    assert images[:, 0, 0, 0].tolist() == [1, 1, 1, 2, 2, 2]  # row-major: prompt i, seed j
+    assert spec.image_prompts() == ["a", "a", "a", "b", "b", "b"] and spec.size == 6
 
 
 @pytest.mark.slow
@@ -174,13 +204,17 @@ def test_two_ddp_ranks_finish_and_only_rank_0_samples(
     from lightning_sd.metrics.tiny import write_tiny_clip
 
     clip = write_tiny_clip(tmp_path / "clip")
-    sampling = ValidationSampling(PROMPTS, SEEDS, every_n_steps=1, steps=2, cell_size=CELL)
+    sampling = ValidationSampling(
+        SamplingSpec(PROMPTS, SEEDS, steps=2), every_n_steps=1, cell_size=CELL
+    )
     evaluation = Evaluation(
-        [CLIPMetrics(f"local-dir:{clip}", None)], PROMPTS, seeds=[0], every_n_steps=1, steps=2
+        [CLIPMetrics(f"local-dir:{clip}", None)],
+        SamplingSpec(PROMPTS, [0], steps=2),
+        every_n_steps=1,
     )
     module = StableDiffusionLoRA(str(tiny_pipeline_dir), adapter=AdapterConfig(rank=4))
     data = DreamBoothDataModule(
-        str(instance_dir), "a photo of sks cat", resolution=32, batch_size=2
+        str(instance_dir), "a photo of sks cat", resolution=32, loader=LoaderSettings(batch_size=2)
     )
     trainer = Trainer(
         accelerator="cpu",

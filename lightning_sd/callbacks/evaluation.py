@@ -11,8 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_sd.data.images import list_images
 from lightning_sd.metrics.base import ImageMetric
 from lightning_sd.metrics.images import load_image_folder
-from lightning_sd.metrics.samples import generate_grid, per_prompt, undisturbed
-from lightning_sd.sampling import Sampler
+from lightning_sd.metrics.samples import generate_grid, undisturbed
+from lightning_sd.sampling_spec import SamplingSpec
 
 __all__ = ["Evaluation"]
 
@@ -34,53 +34,34 @@ class Evaluation(Callback):
     Args:
         metrics: metric families from ``lightning_sd.metrics`` (``CLIPMetrics``,
             ``FrechetDistance``, ``DINOSimilarity``); class_path entries in YAML.
-        prompts: prompts to sample.
-        seeds: seeds to sample each prompt with; images = prompts x seeds.
+        sampling: the prompts and seeds to sample (images = prompts x seeds) and how.
         reference_dir: folder of real images for FID/KID, CLIP-I and DINO; default the
             DataModule's ``instance_data_dir`` (the DreamBooth subject).
         every_n_steps: optimizer steps between evaluations during fit; None for none.
         before_training: evaluate when training starts (the baseline).
         after_training: evaluate when training ends.
         at_validation: evaluate at the end of every validation epoch (not the sanity check).
-        negative_prompt: the unconditional prompt of guidance; one for all, or one per prompt.
-        steps: sampler steps.
-        guidance_scale: classifier-free guidance weight (1 disables it).
-        sampler: a ``lightning_sd.sampling.Sampler``; default DPM++ 2M.
-        resolution: image side; default the UNet's native size.
         prefix: prepended to every metric name.
     """
 
     def __init__(
         self,
         metrics: list[ImageMetric],
-        prompts: list[str],
-        seeds: list[int] | None = None,
+        sampling: SamplingSpec,
         reference_dir: str | None = None,
         every_n_steps: int | None = None,
         before_training: bool = False,
         after_training: bool = True,
         at_validation: bool = False,
-        negative_prompt: list[str] | str = "",
-        steps: int = 20,
-        guidance_scale: float = 5.0,
-        sampler: Sampler | None = None,
-        resolution: int | None = None,
         prefix: str = "eval/",
     ):
         self.metrics = list(metrics)
-        self.prompts = list(prompts)
-        self.seeds = list(seeds) if seeds is not None else [0, 1, 2, 3]
+        self.sampling = sampling
         self.reference_dir = reference_dir
         self.every_n_steps = every_n_steps
         self.before_training = before_training
         self.after_training = after_training
         self.at_validation = at_validation
-        self.negative_prompt = negative_prompt
-        self.negative_prompts = per_prompt(negative_prompt, self.prompts)
-        self.steps = steps
-        self.guidance_scale = guidance_scale
-        self.sampler = sampler
-        self.resolution = resolution
         self.prefix = prefix
         self.last_metrics: dict[str, float] = {}
         self._references: Path | None = None
@@ -93,12 +74,12 @@ class Evaluation(Callback):
             return
         if stage == "validate" and not self.at_validation:
             return
-        count = len(self.prompts) * len(self.seeds)
+        spec = self.sampling
         for metric in self.metrics:
-            if count < metric.min_images:
+            if spec.size < metric.min_images:
                 raise ValueError(
                     f"{type(metric).__name__} needs at least {metric.min_images} images; "
-                    f"{len(self.prompts)} prompts x {len(self.seeds)} seeds give {count}"
+                    f"{len(spec.prompts)} prompts x {len(spec.seeds)} seeds give {spec.size}"
                 )
         self._references = self._find_references(trainer)
         for metric in self.metrics:
@@ -150,19 +131,9 @@ class Evaluation(Callback):
         if not trainer.is_global_zero or (fitting and trainer.global_step == self._last_step):
             return None
         self._last_step = trainer.global_step if fitting else None
-        prompts = [p for p in self.prompts for _ in self.seeds]
+        prompts = self.sampling.image_prompts()
         with undisturbed(pl_module):
-            images = generate_grid(
-                trainer,
-                pl_module,
-                self.prompts,
-                self.seeds,
-                self.negative_prompts,
-                self.steps,
-                self.guidance_scale,
-                self.resolution,
-                self.sampler,
-            )
+            images = generate_grid(trainer, pl_module, self.sampling)
             self._set_references(images.shape[-1])
             values: dict[str, float] = {}
             for metric in self.metrics:

@@ -8,6 +8,7 @@ from typing import Literal
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_sd.adapters import is_adapter_parameter
 from lightning_sd.embeddings import EMBEDDINGS_NAME, save_embeddings
 from lightning_sd.lora_io import (
     KOHYA_WEIGHT_NAME,
@@ -32,7 +33,8 @@ def export_adapters(
     """Write a module's adapters in the requested layouts, its new-token embeddings, a card.
 
     Every file is written to a temporary name and renamed. A layout that cannot hold the
-    adapter faithfully (kohya for DoRA) is skipped with a warning that says why. Parts trained
+    adapter faithfully (kohya for DoRA, diffusers for LoHa/LoKr) is skipped with a warning
+    that says why. Parts trained
     in full (adapter kind ``full``) have no LoRA: each is written as a diffusers component
     folder (``save_pretrained``, safetensors) under its name, e.g. ``<out_dir>/unet``.
 
@@ -52,7 +54,10 @@ def export_adapters(
     metadata = module.training_metadata()
     family = module.family
     if "diffusers" in formats:
-        written["diffusers"] = save_diffusers_lora(out_dir, components, family, metadata)
+        try:
+            written["diffusers"] = save_diffusers_lora(out_dir, components, family, metadata)
+        except LoRAFileError as err:
+            rank_zero_warn(f"diffusers layout skipped: {err}")
     if "kohya" in formats:
         try:
             written["kohya"] = save_kohya_lora(
@@ -71,8 +76,18 @@ def export_adapters(
     return written
 
 
+def _ema_weights(trainer: Trainer, pl_module: LightningModule):
+    """The weights an ``AdapterEMA`` callback says to export (its EMA by default)."""
+    from contextlib import nullcontext
+
+    from lightning_sd.callbacks.ema import AdapterEMA
+
+    ema = [c for c in trainer.callbacks if isinstance(c, AdapterEMA)]
+    return ema[0].exported_weights(pl_module) if ema else nullcontext()
+
+
 def _has_adapter(model) -> bool:
-    return any("lora_" in name for name, _ in model.named_parameters())
+    return any(is_adapter_parameter(name) for name, _ in model.named_parameters())
 
 
 class LoRAExport(Callback):
@@ -84,6 +99,9 @@ class LoRAExport(Callback):
         formats: ``diffusers`` (``pytorch_lora_weights.safetensors``, what
             ``pipeline.load_lora_weights`` reads) and/or ``kohya`` (A1111 / ComfyUI).
         every_n_steps: also export every N optimizer steps (0: only at the end).
+
+    With an ``AdapterEMA`` callback the files hold its EMA weights (or the raw ones, as its
+    ``export`` says).
     """
 
     def __init__(
@@ -119,15 +137,16 @@ class LoRAExport(Callback):
         # Under DDP every rank holds the same adapters: one writes, all wait for the files.
         if trainer.is_global_zero:
             out = self._dir or self.output_dir(trainer)
-            self.written = export_adapters(pl_module, out, self.formats, self._trigger(trainer))
+            with _ema_weights(trainer, pl_module):
+                self.written = export_adapters(pl_module, out, self.formats, self._trigger(trainer))
             main = self.written.get("diffusers") or next(iter(self.written.values()), out)
             rank_zero_info(f"LoRA weights written to {main}")
         trainer.strategy.barrier("lora_export")
 
     @property
     def written_lora(self) -> Path | None:
-        """The diffusers-layout file of the last export."""
-        return self.written.get("diffusers")
+        """The diffusers-layout file of the last export (kohya/LyCORIS for LoHa and LoKr)."""
+        return self.written.get("diffusers") or self.written.get("kohya")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -35,6 +35,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_sd.atomic import atomic_path
 from lightning_sd.checkpoint_io import AtomicCheckpointIO
 from lightning_sd.run_dir import FolderLock, check_fresh_run, lock_folders
 
@@ -233,11 +234,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
     """A hard link (no bytes copied), or a copy where the filesystem has none; atomic."""
     import shutil
 
-    tmp = target.with_name(target.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copy2(source, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target, "checkpoint") as tmp:
+        tmp.unlink()  # os.link makes the name itself
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copy2(source, tmp)

@@ -11,8 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from lightning_sd.grid import image_grid, save_image_atomic
-from lightning_sd.metrics.samples import generate_grid, per_prompt, undisturbed
-from lightning_sd.sampling import Sampler
+from lightning_sd.metrics.samples import generate_grid, undisturbed
+from lightning_sd.sampling_spec import SamplingSpec
 
 __all__ = ["ValidationSampling", "log_grid"]
 
@@ -47,15 +47,9 @@ class ValidationSampling(Callback):
     restored afterwards, and the noise of each sample comes from its own seed.
 
     Args:
-        prompts: one grid row each.
-        seeds: one grid column each (the initial noise of every row).
-        negative_prompt: the unconditional prompt of guidance; one for all, or one per prompt.
+        sampling: the prompts (one grid row each), seeds (one column each) and sampler settings.
         every_n_steps: optimizer steps between grids; None for none during training.
         before_training: also sample when training starts (step 0 of a new run), the baseline.
-        steps: sampler steps.
-        guidance_scale: classifier-free guidance weight (1 disables it).
-        sampler: a ``lightning_sd.sampling.Sampler`` (class_path in YAML); default DPM++ 2M.
-        resolution: image side; default the UNet's native size.
         cell_size: side of each grid cell in pixels (nearest upscaling keeps tiny samples
             visible); default the image side.
         dirpath: grid folder; default ``<the run's log dir>/samples``.
@@ -63,28 +57,15 @@ class ValidationSampling(Callback):
 
     def __init__(
         self,
-        prompts: list[str],
-        seeds: list[int] | None = None,
-        negative_prompt: list[str] | str = "",
+        sampling: SamplingSpec,
         every_n_steps: int | None = 500,
         before_training: bool = True,
-        steps: int = 20,
-        guidance_scale: float = 5.0,
-        sampler: Sampler | None = None,
-        resolution: int | None = None,
         cell_size: int | None = None,
         dirpath: str | None = None,
     ):
-        self.prompts = list(prompts)
-        self.seeds = list(seeds) if seeds is not None else [0, 1, 2, 3]
-        self.negative_prompt = negative_prompt
-        self.negative_prompts = per_prompt(negative_prompt, self.prompts)
+        self.sampling = sampling
         self.every_n_steps = every_n_steps
         self.before_training = before_training
-        self.steps = steps
-        self.guidance_scale = guidance_scale
-        self.sampler = sampler
-        self.resolution = resolution
         self.cell_size = cell_size
         self.dirpath = dirpath
         self.written: list[Path] = []
@@ -114,27 +95,18 @@ class ValidationSampling(Callback):
             return None
         self._last_step = step
         with undisturbed(pl_module):
-            images = generate_grid(
-                trainer,
-                pl_module,
-                self.prompts,
-                self.seeds,
-                self.negative_prompts,
-                self.steps,
-                self.guidance_scale,
-                self.resolution,
-                self.sampler,
-            )
+            images = generate_grid(trainer, pl_module, self.sampling)
+        spec = self.sampling
         grid = image_grid(
             images,
-            ncols=len(self.seeds),
-            row_labels=self.prompts,
-            col_labels=[f"seed {s}" for s in self.seeds],
+            ncols=len(spec.seeds),
+            row_labels=spec.prompts,
+            col_labels=[f"seed {s}" for s in spec.seeds],
             cell=self.cell_size,
         )
         path = save_image_atomic(grid, self._dir / f"step_{step:06d}.png")
         self.written.append(path)
-        caption = f"step {step}: rows " + " | ".join(self.prompts)
+        caption = f"step {step}: rows " + " | ".join(spec.prompts)
         skipped = log_grid(trainer.loggers, grid, "samples", step, caption)
         if skipped and not self._noted:
             rank_zero_info(

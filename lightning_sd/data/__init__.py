@@ -12,12 +12,14 @@ from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.dreambooth import InstanceDataset, PriorPreservationDataset, collate_pairs
 from lightning_sd.data.images import BadImageError, MissingCaptionError, list_images, open_rgb
 from lightning_sd.data.records import ImageRecord, scan_items
+from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.data.sources import CaptionSource, HFDataset, ImageFolder, SidecarCaptions
 from lightning_sd.data.transforms import CropPlan, ImageTransform
 
 __all__ = [
     "BadImageError",
     "BucketBatchSampler",
+    "CacheSettings",
     "CacheStats",
     "CaptionDataModule",
     "CaptionSource",
@@ -32,6 +34,7 @@ __all__ = [
     "ImageTransform",
     "InstanceDataset",
     "LatentCache",
+    "LoaderSettings",
     "MissingCaptionError",
     "PriorPreservationDataset",
     "SidecarCaptions",

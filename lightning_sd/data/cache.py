@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from lightning_sd.atomic import atomic_path
 from lightning_sd.data.images import BadImageError
 from lightning_sd.data.transforms import CropPlan
 
@@ -60,16 +59,9 @@ class LatentCache:
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> Path:
         """Write through a temporary file and a rename: a reader never sees half an entry."""
         path = self.path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        with atomic_path(path, "cache entry") as tmp:
             save_file(tensors, tmp, metadata={"format": FORMAT})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
 

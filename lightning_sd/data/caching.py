@@ -27,7 +27,7 @@ from lightning_sd.objectives.masking import latent_mask
 if TYPE_CHECKING:
     from lightning_sd.module import StableDiffusionLoRA
 
-__all__ = ["CacheStats", "fill_cache"]
+__all__ = ["CacheStats", "check_fixed_crops", "fill_cache"]
 
 
 @dataclass
@@ -51,8 +51,9 @@ def fill_cache(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
-) -> CacheStats:
-    """Encode what is missing, then make each dataset serve from the cache.
+) -> tuple[CacheStats, list[CachedView]]:
+    """Encode what is missing; return the stats and, per dataset, the view that serves it
+    from the cache (``dataset.served_from(view)``; the datasets themselves are not changed).
 
     Args:
         datasets: (dataset, sample_latents) pairs: training sets draw from the posterior,
@@ -100,45 +101,41 @@ def fill_cache(
     absent += [prompts[p] for p in todo if not cache.has("text", prompts[p])]
     if absent:
         raise RuntimeError(f"{len(absent)} cache entries missing in {cache.root} after filling")
-    for (dataset, _), view in zip(datasets, views, strict=True):
-        dataset.cached = view
-    return stats
+    return stats, views
+
+
+def check_fixed_crops(
+    cache_latents: bool, fixed: bool, fix: str = "center_crop: true or bucketing: true"
+) -> None:
+    """Latents are cacheable only when every image has one crop; ``fix`` says how to get one."""
+    if cache_latents and not fixed:
+        raise ValueError(
+            f"cache.latents needs a fixed crop per image, but random crops are on: set {fix} "
+            "(random crops change the pixels every step, so their latents cannot be cached)"
+        )
 
 
 def check_cacheable(
     dataset: ImageCaptionDataset, module: StableDiffusionLoRA, latents: bool, text: bool
 ) -> None:
     """Refuse caching that would serve the wrong tensors."""
-    if latents and not dataset.transform.deterministic:
-        raise ValueError(
-            "cache_latents needs a fixed crop per image, but random crops are on: set "
-            "center_crop: true or bucketing: true (random crops change the pixels every step)"
-        )
+    check_fixed_crops(latents, dataset.transform.deterministic)
     encoders = module.text_encoders().values()
     if text and any(p.requires_grad for e in encoders for p in e.parameters()):
         raise ValueError(
-            "cache_text_embeddings needs a frozen text encoder, but it trains (a LoRA or new "
-            "token embeddings): its outputs change every step; set cache_text_embeddings: false"
+            "cache.text_embeddings needs a frozen text encoder, but it trains (a LoRA or new "
+            "token embeddings): its outputs change every step; set cache.text_embeddings: false"
         )
     if text and dataset.captions is not None and dataset.captions.varies:
         raise ValueError(
-            "cache_text_embeddings cannot serve shuffled tags (every step makes a new caption): "
-            "set shuffle_tags: false or cache_text_embeddings: false"
+            "cache.text_embeddings cannot serve shuffled tags (every step makes a new caption): "
+            "set shuffle_tags: false or cache.text_embeddings: false"
         )
 
 
-# Module settings known not to change what ``encode_text`` returns; every other hparam (clip
-# skip, pivotal tokens, settings added later) is part of the text key, so none is served stale.
-_TRAINING_ONLY = {
-    "adapter", "objective", "learning_rate", "text_encoder_lr", "text_encoder_2_lr",
-    "optimizer", "lr_scheduler", "lr_warmup_steps", "lr_power", "heldout_seed",
-    "vae_name_or_path", "gradient_checkpointing", "channels_last",
-}  # fmt: skip
-
-
 def _text_identity(module) -> str:
-    hparams = dict(getattr(module, "hparams", {}))
-    settings = {k: v for k, v in hparams.items() if k not in _TRAINING_ONLY}
+    # The module says which of its settings may change its text embeddings.
+    settings = module.text_settings()
     identity = [type(module).__qualname__, json.dumps(settings, sort_keys=True, default=str)]
     for tok in module.tokenizers.values():
         identity.append(f"{type(tok).__qualname__}:{len(tok)}:{tok.model_max_length}")

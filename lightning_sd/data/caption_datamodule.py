@@ -7,12 +7,14 @@ from torch.utils.data import DataLoader
 
 from lightning_sd.data.base import ImageDataModule, check_positive
 from lightning_sd.data.buckets import make_buckets
+from lightning_sd.data.caching import check_fixed_crops
 from lightning_sd.data.captions import CaptionTransform
 from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.records import ImageRecord, scan_items
+from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.data.sources import CaptionSource
 from lightning_sd.data.transforms import ImageTransform
-from lightning_sd.serialization import from_config, to_config
+from lightning_sd.serialization import from_config
 
 __all__ = ["CaptionDataModule", "split_held_out"]
 
@@ -57,18 +59,12 @@ class CaptionDataModule(ImageDataModule):
         keep_tokens: with ``shuffle_tags``, this many leading tags stay in place.
         validation_split: fraction of images held out for validation (chosen by content hash,
             so the same on every run); 0 validates on nothing.
-        batch_size: images per batch (per device).
-        num_workers: DataLoader worker processes.
         repeats: how many times each training image appears per epoch.
-        seed: seeds the shuffle and every sample's crop, flip and caption draws (with the
-            epoch and index), so a resumed run draws what an uninterrupted one would.
         skip_bad_images: skip unusable images (corrupt, too small, uncaptioned) with a warning
             that counts them, instead of stopping with an error naming the first.
-        cache_dir: latent / text-embedding cache folder; default ``~/.cache/lightning_sd``.
-        cache_latents: encode each image once with the VAE and train from the stored posterior
-            (needs ``center_crop`` or ``bucketing``; with ``random_flip`` mirrors are cached too).
-        cache_text_embeddings: encode each caption once (needs a frozen text encoder and no
-            tag shuffling; caption dropout is fine, the empty caption is cached too).
+        loader: batch size, workers and seed: :class:`LoaderSettings`.
+        cache: the latent / text-embedding cache, :class:`CacheSettings` (latents need
+            ``center_crop`` or ``bucketing``; text embeddings need no tag shuffling).
         masked_loss: weigh each pixel's loss by the image's mask (``name.mask.png`` beside it,
             else its alpha channel; white trains, black is ignored), cropped and flipped with
             the image; images without either train in full.
@@ -87,30 +83,20 @@ class CaptionDataModule(ImageDataModule):
         shuffle_tags: bool = False,
         keep_tokens: int = 0,
         validation_split: float = 0.0,
-        batch_size: int = 1,
-        num_workers: int = 0,
         repeats: int = 1,
-        seed: int = 0,
         skip_bad_images: bool = False,
-        cache_dir: str | None = None,
-        cache_latents: bool = False,
-        cache_text_embeddings: bool = False,
         masked_loss: bool = False,
+        loader: LoaderSettings | None = None,
+        cache: CacheSettings | None = None,
     ):
-        super().__init__()
-        check_positive(resolution=resolution, batch_size=batch_size, repeats=repeats)
-        # Checkpoints hold plain data: the source is stored in its YAML form.
-        self.source = from_config(source) if isinstance(source, dict) else source
-        if cache_latents and not (center_crop or bucketing):
-            raise ValueError(
-                "cache_latents needs a fixed crop per image: set center_crop: true or "
-                "bucketing: true (random crops change the pixels every step)"
-            )
-        if cache_text_embeddings and shuffle_tags:
-            raise ValueError("cache_text_embeddings cannot serve shuffled tags: choose one")
+        super().__init__(loader, cache)
+        check_positive(resolution=resolution, repeats=repeats)
+        self.source = from_config(source, CaptionSource)
+        check_fixed_crops(self.cache.latents, center_crop or bucketing)
+        if self.cache.text_embeddings and shuffle_tags:
+            raise ValueError("cache.text_embeddings cannot serve shuffled tags: choose one")
         self.captions = CaptionTransform(caption_dropout, shuffle_tags, keep_tokens)
-        self.save_hyperparameters(ignore=["source"])
-        self.hparams["source"] = to_config(self.source)
+        self.save_settings("source")
 
     def transform(self, train: bool) -> ImageTransform:
         h = self.hparams
@@ -134,14 +120,19 @@ class CaptionDataModule(ImageDataModule):
         )
         train_records, held_out = split_held_out(records, h.validation_split)
         self.train_set = ImageCaptionDataset(
-            train_records, train, self.captions, 1.0, h.repeats, h.seed, masks=h.masked_loss
+            train_records,
+            train,
+            self.captions,
+            1.0,
+            h.repeats,
+            self.loader.seed,
+            masks=h.masked_loss,
         )
         held_out_transform = self.transform(train=False)
         self.val_set = ImageCaptionDataset(held_out, held_out_transform, masks=h.masked_loss)
 
-    def cached_datasets(self) -> list[tuple[ImageCaptionDataset, bool]]:
-        sets = [(self.train_set, True)]
-        return sets + ([(self.val_set, False)] if len(self.val_set) else [])
+    def cached_datasets(self) -> dict[str, bool]:
+        return {"train_set": True} | ({"val_set": False} if len(self.val_set) else {})
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None or len(self.val_set) == 0:

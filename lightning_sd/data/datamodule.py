@@ -7,9 +7,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_sd.data.base import ImageDataModule, check_positive
+from lightning_sd.data.caching import check_fixed_crops
 from lightning_sd.data.class_images import count_images, generate_class_images
 from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.dreambooth import InstanceDataset, PriorPreservationDataset, collate_pairs
+from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.data.transforms import ImageTransform
 
 __all__ = ["DreamBoothDataModule"]
@@ -32,8 +34,6 @@ class DreamBoothDataModule(ImageDataModule):
         resolution: training image side in pixels.
         center_crop: center instead of random crops for training.
         random_flip: random horizontal flips for training.
-        batch_size: instance images per batch (per device); as many class images join them.
-        num_workers: DataLoader worker processes.
         repeats: how many times each instance image appears per epoch.
         class_data_dir: folder of class images; None trains without prior preservation.
         class_prompt: the prompt of the class images, e.g. ``a photo of a dog``.
@@ -46,12 +46,10 @@ class DreamBoothDataModule(ImageDataModule):
         class_generation_seed: class image ``i`` is generated from seed ``seed + i``.
         skip_bad_images: skip unusable images (corrupt, too small) with a warning that counts
             them, instead of stopping with an error naming the first.
-        cache_dir: latent / text-embedding cache folder; default ``~/.cache/lightning_sd``.
-        cache_latents: encode each image once with the VAE and train from the stored posterior
-            (needs ``center_crop``; with ``random_flip`` the mirror is cached too).
-        cache_text_embeddings: encode each prompt once (needs a frozen text encoder).
-        seed: seeds the shuffle and every sample's crop and flip (with epoch and index), so
-            a resumed run draws what an uninterrupted one would.
+        loader: batch size (instance images per batch; as many class images join them),
+            workers and seed: :class:`LoaderSettings`.
+        cache: the latent / text-embedding cache, :class:`CacheSettings` (latents need
+            ``center_crop``).
     """
 
     def __init__(
@@ -61,8 +59,6 @@ class DreamBoothDataModule(ImageDataModule):
         resolution: int = 512,
         center_crop: bool = False,
         random_flip: bool = False,
-        batch_size: int = 1,
-        num_workers: int = 0,
         repeats: int = 1,
         class_data_dir: str | None = None,
         class_prompt: str | None = None,
@@ -73,21 +69,15 @@ class DreamBoothDataModule(ImageDataModule):
         class_generation_batch_size: int = 4,
         class_generation_seed: int = 0,
         skip_bad_images: bool = False,
-        cache_dir: str | None = None,
-        cache_latents: bool = False,
-        cache_text_embeddings: bool = False,
-        seed: int = 0,
+        loader: LoaderSettings | None = None,
+        cache: CacheSettings | None = None,
     ):
-        super().__init__()
-        check_positive(resolution=resolution, batch_size=batch_size, repeats=repeats)
+        super().__init__(loader, cache)
+        check_positive(resolution=resolution, repeats=repeats)
         if class_data_dir is not None and not class_prompt:
             raise ValueError("class_data_dir is set but class_prompt is not: name the class")
-        if cache_latents and not center_crop:
-            raise ValueError(
-                "cache_latents needs a fixed crop per image: set center_crop: true "
-                "(random crops change the pixels every step, so their latents cannot be cached)"
-            )
-        self.save_hyperparameters()
+        check_fixed_crops(self.cache.latents, center_crop, "center_crop: true")
+        self.save_settings()
 
     @property
     def prior_preservation(self) -> bool:
@@ -130,25 +120,28 @@ class DreamBoothDataModule(ImageDataModule):
         if self.train_set is not None:
             return
         train = ImageTransform(h.resolution, h.center_crop, h.random_flip)
-        skip = h.skip_bad_images
+        skip, seed = h.skip_bad_images, self.loader.seed
         self.instance_set = InstanceDataset(
-            h.instance_data_dir, h.instance_prompt, train, h.repeats, 1.0, skip, h.seed
+            h.instance_data_dir, h.instance_prompt, train, h.repeats, 1.0, skip, seed
         )
-        self.train_set = self.instance_set
         self.class_set = None
         if self.prior_preservation:
             self.class_set = InstanceDataset(
-                h.class_data_dir, h.class_prompt, train, 1, h.prior_loss_weight, skip, h.seed + 1
-            )
-            # Only the first num_class_images: a folder may hold more than this run asked for.
-            self.class_set.records = self.class_set.records[: h.num_class_images]
-            self.train_set = PriorPreservationDataset(self.instance_set, self.class_set)
+                h.class_data_dir, h.class_prompt, train, 1, h.prior_loss_weight, skip, seed + 1,
+                max_images=h.num_class_images,
+            )  # fmt: skip
         held_out = ImageTransform(h.resolution, center_crop=True, random_flip=False)
         self.val_set = ImageCaptionDataset(self.instance_set.records, held_out)
+        self._assemble()
 
-    def cached_datasets(self) -> list[tuple[ImageCaptionDataset, bool]]:
-        sets = [(self.instance_set, True), (self.val_set, False)]
-        return sets + ([(self.class_set, True)] if self.class_set is not None else [])
+    def _assemble(self) -> None:
+        self.train_set = self.instance_set
+        if self.class_set is not None:
+            self.train_set = PriorPreservationDataset(self.instance_set, self.class_set)
+
+    def cached_datasets(self) -> dict[str, bool]:
+        sets = {"instance_set": True, "val_set": False}
+        return sets | ({"class_set": True} if self.class_set is not None else {})
 
     def train_dataloader(self) -> DataLoader:
         if not self.prior_preservation:

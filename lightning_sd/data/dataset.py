@@ -7,6 +7,7 @@ sample's loss by ``loss_weight``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,12 @@ class ImageCaptionDataset(Dataset):
         self.seed = seed
         self.masks = masks
         self.cached: CachedView | None = None
+
+    def served_from(self, view: CachedView) -> ImageCaptionDataset:
+        """A copy that serves what ``view`` caches instead of encoding it; ``self`` unchanged."""
+        served = copy.copy(self)
+        served.cached = view
+        return served
 
     def __len__(self) -> int:
         return len(self.records) * self.repeats

@@ -38,6 +38,8 @@ class InstanceDataset(ImageCaptionDataset):
         loss_weight: every sample's loss weight.
         skip_bad_images: skip unusable images with a warning instead of raising.
         seed: seeds the per-sample crop and flip draws (with the sample key).
+        max_images: serve only the first this many usable images (a class folder may hold
+            more than a run asked for); None serves all.
     """
 
     def __init__(
@@ -49,9 +51,11 @@ class InstanceDataset(ImageCaptionDataset):
         loss_weight: float = 1.0,
         skip_bad_images: bool = False,
         seed: int = 0,
+        max_images: int | None = None,
     ):
         items = [SourceItem(str(p), FileRef(p), prompt) for p in list_images(folder)]
         records = scan_items(items, transform.check_size, skip_bad_images, str(folder))
+        records = records[:max_images]
         super().__init__(records, transform, loss_weight=loss_weight, repeats=repeats, seed=seed)
         self.prompt = prompt
 

@@ -215,11 +215,11 @@ def default_objective(scheduler: Any):
         SD3Weighting,
         VPrediction,
     )
-    from lightning_sd.objectives.schedule import _EDM_SCHEDULERS
+    from lightning_sd.objectives.schedule import is_edm_scheduler
 
     if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
         return DiffusionObjective(FlowMatching(), FlowTimesteps(), SD3Weighting())
-    if isinstance(scheduler, _EDM_SCHEDULERS):
+    if is_edm_scheduler(scheduler):
         return DiffusionObjective(EDM(sigma_data=scheduler.config.get("sigma_data", 0.5)))
     prediction = scheduler.config.get("prediction_type", "epsilon")
     by_prediction = {"epsilon": Epsilon, "v_prediction": VPrediction, "sample": Sample}
@@ -229,7 +229,7 @@ def default_objective(scheduler: Any):
 def warn_if_contradicts(objective, scheduler) -> None:
     """One warning when a configured parameterization is not what the checkpoint predicts.
 
-    Flow and EDM mismatches are already refused loudly by ``set_schedule``; this covers the
+    Flow and EDM mismatches are already warned about by ``set_schedule``; this covers the
     DDPM-family ones (epsilon on a v-prediction base and the reverse).
     """
     expected = default_objective(scheduler).parameterization

@@ -13,9 +13,9 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities.seed import isolate_rng
 
-from lightning_sd.sampling import Sampler
+from lightning_sd.sampling_spec import SamplingSpec, sample_grid
 
-__all__ = ["generate_grid", "per_prompt", "undisturbed"]
+__all__ = ["generate_grid", "undisturbed"]
 
 
 @contextmanager
@@ -33,46 +33,9 @@ def undisturbed(pl_module: LightningModule) -> Iterator[None]:
             module.training = training
 
 
-def generate_grid(
-    trainer: Trainer,
-    pl_module: LightningModule,
-    prompts: list[str],
-    seeds: list[int],
-    negative_prompts: list[str],
-    steps: int,
-    guidance_scale: float,
-    resolution: int | None,
-    sampler: Sampler | None,
-) -> torch.Tensor:
-    """Images (len(prompts) * len(seeds), 3, H, W) in [0, 1], row-major: prompt i, seed j.
-
-    Runs in the trainer's precision context (autocast under mixed precision), as training does.
-    The caller holds ``undisturbed``.
+def generate_grid(trainer: Trainer, pl_module: LightningModule, spec: SamplingSpec) -> torch.Tensor:
+    """The spec's grid (``sample_grid``) from the module, in the trainer's precision context
+    (autocast under mixed precision), as training runs. The caller holds ``undisturbed``.
     """
-    rows = []
     with trainer.precision_plugin.forward_context():
-        for prompt, negative in zip(prompts, negative_prompts, strict=True):
-            rows.append(
-                pl_module.generate(
-                    [prompt] * len(seeds),
-                    seeds,
-                    steps=steps,
-                    guidance_scale=guidance_scale,
-                    negative_prompt=negative,
-                    resolution=resolution,
-                    sampler=sampler,
-                ).float()
-            )
-    return torch.cat(rows)
-
-
-def per_prompt(negative_prompt: str | list[str], prompts: list[str]) -> list[str]:
-    """One negative prompt per prompt: a single string is shared, a list must match."""
-    if isinstance(negative_prompt, str):
-        return [negative_prompt] * len(prompts)
-    if len(negative_prompt) != len(prompts):
-        raise ValueError(
-            f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts: give one, "
-            "or one per prompt"
-        )
-    return list(negative_prompt)
+        return sample_grid(spec, pl_module.generate)

@@ -16,16 +16,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
-from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 from torch import Tensor, nn
 
 # diffusers' EulerDiscreteScheduler clamps the terminal alphas_cumprod of a zero-terminal-SNR
 # schedule to this value so that sigma_max stays finite (sigma_max ~ 4096).
 _TERMINAL_ALPHA_CUMPROD = 2.0**-24
 
-# Schedulers whose networks take c_noise = ln(sigma) / 4 instead of a DDPM timestep.
-_EDM_SCHEDULERS = (EDMEulerScheduler, EDMDPMSolverMultistepScheduler)
+
+def is_edm_scheduler(scheduler) -> bool:
+    """Whether the scheduler's network takes c_noise = ln(sigma) / 4, not a DDPM timestep."""
+    # diffusers is imported here, where a scheduler exists: importing the objectives stays light.
+    from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+    return isinstance(scheduler, EDMEulerScheduler | EDMDPMSolverMultistepScheduler)
 
 
 class DiscreteSchedule(nn.Module):
@@ -92,7 +95,7 @@ class DiscreteSchedule(nn.Module):
 
             return FlowSchedule.from_flow_scheduler(scheduler)
         fresh = type(scheduler).from_config(scheduler.config)
-        if isinstance(fresh, _EDM_SCHEDULERS):
+        if is_edm_scheduler(fresh):
             if zero_terminal_snr:
                 raise ValueError("zero_terminal_snr applies to DDPM beta schedules, not EDM ones")
             # Their sigma grid is descending and ends with an appended final sigma; drop it.
@@ -102,6 +105,8 @@ class DiscreteSchedule(nn.Module):
 
         already_rescaled = bool(fresh.config.get("rescale_betas_zero_snr", False))
         if zero_terminal_snr and not already_rescaled:
+            from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
             betas = rescale_zero_terminal_snr(fresh.betas.float())
             alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         else:

@@ -41,7 +41,7 @@ def fit_args(work: Path, max_steps: int, config: Path = CONFIG) -> list[str]:
         str(work / "initial"),
         "--data.init_args.source.init_args.folder",
         str(work / "emoji" / "train"),
-        "--data.init_args.cache_dir",
+        "--data.init_args.cache.dir",
         str(work / "cache"),
         "--trainer.default_root_dir",
         str(work),
