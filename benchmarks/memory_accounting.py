@@ -79,13 +79,22 @@ def adam_state_bytes(shapes: list[int], eight_bit: bool) -> int:
     return sum((2 * n + 2 * 4 * -(-n // 256)) if n >= 4096 else 2 * 4 * n for n in shapes)
 
 
+def linear_weights(unet) -> dict[int, int]:
+    """id -> size of every frozen ``nn.Linear`` weight: what ``quantize_base`` quantizes."""
+    return {
+        id(m.weight): m.weight.numel()
+        for m in unet.modules()
+        if type(m) is torch.nn.Linear and not m.weight.requires_grad
+    }
+
+
 def base_bytes(unet, frozen: str) -> int:
+    linear = linear_weights(unet)
     total = 0
-    for name, p in unet.named_parameters():
+    for p in unet.parameters():
         if p.requires_grad:
             continue
-        is_linear_weight = name.endswith(".weight") and p.ndim == 2 and "base_layer" in name
-        if frozen == "nf4" and is_linear_weight:
+        if frozen == "nf4" and id(p) in linear:
             total += p.numel() * (4 + 0.127) / 8  # QLoRA: NF4 + double-quantized absmax
         else:
             total += p.numel() * (4 if frozen == "fp32" else 2)
@@ -103,9 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_adapter(unet, AdapterConfig(rank=args.rank))
     adapters = [p.numel() for p in unet.parameters() if p.requires_grad]
     n_base = sum(p.numel() for p in unet.parameters() if not p.requires_grad)
-    n_linear = sum(
-        p.numel() for n, p in unet.named_parameters() if "base_layer.weight" in n and p.ndim == 2
-    )
+    n_linear = sum(linear_weights(unet).values())
     activations = {}
     for checkpointing, dtype in (
         (False, torch.float32),
@@ -162,7 +169,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "activations without the attention matrices (a GPU's flash / memory-efficient "
         "attention does not store them; PyTorch's CPU path does). It leaves out the CUDA "
         "context (~0.3-0.5 GB), allocator fragmentation and per-op workspace, so a measured "
-        "GPU peak will be higher. **The GPU peak is unmeasured: no GPU was lent to this "
+        "GPU peak will be higher. With gradient checkpointing, the backward pass also "
+        "recomputes one checkpointed block's activations at a time (the largest, a 64x64 "
+        "attention block), which the saved-tensor count does not include. **The GPU peak is unmeasured: no GPU was lent to this "
         "task.** Goal: at most 6 GB with all switches on.",
         "",
     ]
