@@ -52,10 +52,11 @@ def child(out: str, threads: int, program: str, argv: list[str]) -> None:
     import time
 
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     torch.set_num_threads(threads)
     marks: list[tuple[float, float]] = []
-    torch.optim.optimizer.register_optimizer_step_post_hook(
+    register_optimizer_step_post_hook(
         lambda *_: marks.append((time.perf_counter(), time.process_time()))
     )
     try:

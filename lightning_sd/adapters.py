@@ -80,6 +80,7 @@ class AdapterConfig:
             starts on the weight's principal (orthonormal) directions and the base keeps the
             residual, so the model's output is unchanged at the start. Their files hold the
             update relative to the original base (a rank-2r LoRA), which every loader reads.
+            peft starts Linear layers only (not SD1.x's Conv2d ``proj_in``/``proj_out``).
         use_rslora: rank-stabilised scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski
             2023), so the update's size stops shrinking with rank (lora/dora).
         loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): the B matrices train at this multiple of
@@ -276,6 +277,13 @@ def _injection_error(model: torch.nn.Module, config: AdapterConfig, err: ValueEr
     from lightning_sd.dependencies import versions_hint
 
     kind = type(model).__name__
+    if "Unknown initialization" in str(err) and config.init in ("pissa", "olora"):
+        return ValueError(
+            f"init={config.init!r} starts from each weight's SVD/QR, which peft does for Linear "
+            f"layers only, and targets {config.targets!r} match Conv2d layers of {kind} (SD1.x "
+            "proj_in/proj_out and ResNet convolutions): use targets 'attn' or a list of Linear "
+            "layers"
+        )
     if "not found in the base model" not in str(err) and "target modules" not in str(err):
         return RuntimeError(f"peft could not add the adapter to {kind}: {err}; {versions_hint()}")
     names = {

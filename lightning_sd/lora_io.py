@@ -376,6 +376,12 @@ def load_lora_into(
     path, tensors, header = read_lora_file(path)
     check_architecture(tensors, header, path, "this model's base", family)
     parts = adapted(components)
+    if any(getattr(m, "_lightning_sd_initial_adapter", None) is not None for m in parts.values()):
+        raise LoRAFileError(
+            f"{path}: continuing a PiSSA/OLoRA adapter from a file is refused: its files hold "
+            "the update as a plain rank-2r LoRA of the original base. Continue with kind lora, "
+            "init default and twice the rank"
+        )
     weights, kohya_alphas = split_lora_tensors(tensors, parts)
     file_meta = json.loads(header.get("lora_adapter_metadata", "{}"))
     scale_known = has_scale(tensors, header)
@@ -391,12 +397,6 @@ def load_lora_into(
                 "configure one (e.g. text_encoder_adapter) or drop them from the file"
             )
     for component, model in parts.items():
-        if getattr(model, "_lightning_sd_initial_adapter", None) is not None:
-            raise LoRAFileError(
-                f"{path}: continuing a PiSSA/OLoRA adapter from a file is refused: its files "
-                "hold the update as a plain rank-2r LoRA of the original base. Continue with "
-                "kind lora, init default and twice the rank"
-            )
         expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
         given = {}
         for module, tensor_parts in weights.get(component, {}).items():

@@ -40,7 +40,7 @@ def test_prior_term_is_the_distance_to_the_base_models_prediction(tiny_pipeline_
     priors = []
     torch.manual_seed(0)
     module.objective.loss(module.training_denoiser(b, latents, priors), latents, **cond)
-    assert priors[0].abs().max() == 0  # B = 0: the adapted model is the base
+    assert priors[0].max() <= 1e-10  # B = 0: the adapted model is the base
 
     train_steps(module)  # the adapters move (UNet and text encoder)
     seen = {}

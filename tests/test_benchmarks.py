@@ -109,3 +109,30 @@ def test_throughput_one_cell_per_switch(bench, tmp_path):
     for goal in ("Framework overhead", "Cache, tiny", "## All setups"):
         assert goal in md
     assert (tmp_path / "throughput_rank.png").stat().st_size > 0
+
+
+def test_adapters_at_matched_counts_and_both_preservations(bench, tmp_path):
+    out = tmp_path / "adapters"
+    bench("adapters").main(
+        ["--variants", "loha", "lokr", "lora+", "pissa", "--rank", "2", "--max-rank", "8",
+         "--seeds", "0", "--steps", "3", "--probe-seeds", "1", "--probe-steps", "2",
+         "--preservation", "--class-images", "2", "--class-steps", "2", "--out", str(out)]
+    )  # fmt: skip
+    rows = {r["variant"]: r for r in read_csv(out.with_suffix(".csv"))}
+    assert list(rows) == ["lora", "loha", "lokr", "lora+", "pissa", "prior:class-images",
+                          "prior:base-model"]  # fmt: skip
+    numeric = ["fidelity", "drift_class", "drift_unrelated", "heldout_loss", "step_ms",
+               "params", "file_mb", "prep_s"]  # fmt: skip
+    assert_finite(list(rows.values()), numeric)
+    budget = float(rows["lora"]["params"])
+    # matched counts: LoRA+ and PiSSA have LoRA's shapes; LoHa (2x LoRA's per rank) sits at
+    # half the rank; LoKr at whatever rank comes closest
+    assert float(rows["lora+"]["params"]) == float(rows["pissa"]["params"]) == budget
+    assert rows["loha"]["rank"] == "1" and float(rows["loha"]["params"]) == budget
+    bench_mod = bench("adapters")
+    counts = bench_mod.matched_ranks("tiny-pretrained", ["lokr"], 2, 8)
+    assert float(rows["lokr"]["params"]) == counts["lokr"][1]
+    assert float(rows["prior:class-images"]["prep_s"]) > 0 == float(rows["lora"]["prep_s"])
+    md = out.with_suffix(".md").read_text()
+    assert "python benchmarks/adapters.py --variants loha" in md and "| loha | 1 |" in md
+    assert (tmp_path / "adapters.png").stat().st_size > 0

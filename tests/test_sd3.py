@@ -218,3 +218,31 @@ def test_merge_on_sd3_reproduces_the_single_file(fitted, reloaded, tiny_sd3_dir,
     assert max_diff(transformer_out(module.family, merged.transformer, cond), want) <= 1e-5
     assert max_diff(pipeline_text(merged, [PROMPT])[1], module.text_embeddings([PROMPT])[
         "pooled_projections"]) <= 1e-5  # fmt: skip
+
+
+def test_text_cache_holds_t5_states_keyed_on_the_t5_length(tiny_sd3_dir, instance_dir, tmp_path):
+    from lightning_sd import DreamBoothDataModule, StableDiffusionLoRA
+
+    def filled(length):
+        module = StableDiffusionLoRA(str(tiny_sd3_dir), family=SD3(max_sequence_length=length))
+        data = DreamBoothDataModule(
+            str(instance_dir), PROMPT, resolution=32, batch_size=2, cache_dir=str(tmp_path),
+            cache_text_embeddings=True,
+        )  # fmt: skip
+        data.setup("fit")
+        stats = data.fill_cache(module)
+        return module, next(iter(data.train_dataloader())), stats
+
+    module, batch, stats = filled(77)
+    assert (stats.texts_encoded, stats.texts_cached) == (1, 0)
+    cond = batch["cond"]
+    assert sorted(cond) == ["clip_hidden_states", "pooled_projections", "t5_hidden_states"]
+    assert cond["t5_hidden_states"].shape == (2, 77, 32)
+    fresh = module.batch_cond({k: v for k, v in batch.items() if k != "cond"})
+    for key, value in module.batch_cond(batch).items():
+        torch.testing.assert_close(value, fresh[key])
+    _, again, stats = filled(77)
+    assert (stats.texts_encoded, stats.texts_cached) == (0, 1)  # served from disk
+    _, shorter, stats = filled(16)
+    assert (stats.texts_encoded, stats.texts_cached) == (1, 0)  # another length, another entry
+    assert shorter["cond"]["t5_hidden_states"].shape == (2, 16, 32)
