@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
 from lightning_sd import AdapterConfig, DreamBoothDataModule, StableDiffusionLoRA  # noqa: E402
 from lightning_sd.base_prior import BasePrior  # noqa: E402
 from lightning_sd.callbacks.export import export_adapters  # noqa: E402
+from lightning_sd.data.settings import LoaderSettings  # noqa: E402
 from lightning_sd.pretrained.subject import (  # noqa: E402
     CLASS_PROMPT,
     SUBJECT_PROMPT,
@@ -121,9 +122,10 @@ def cell(name, variant, rank, seed, args, probe, base_samples, tmp: Path, class_
     prior = dict(class_data_dir=str(class_dir), class_prompt=CLASS_PROMPT,
                  num_class_images=args.class_images) if name == "prior:class-images" else {}  # fmt: skip
     data = DreamBoothDataModule(str(subject_dir("instance")), SUBJECT_PROMPT, resolution=32,
-                                batch_size=4, random_flip=True, **prior)  # fmt: skip
+                                loader=LoaderSettings(batch_size=4), random_flip=True,
+                                **prior)  # fmt: skip
     held = DreamBoothDataModule(str(subject_dir("heldout")), SUBJECT_PROMPT, resolution=32,
-                                batch_size=5)  # fmt: skip
+                                loader=LoaderSettings(batch_size=5))  # fmt: skip
     kwargs = trainer_kwargs("cpu", "32-true", args.steps)
     timer = StepTimer()
     Trainer(callbacks=[timer], limit_val_batches=0, **kwargs).fit(module, data)

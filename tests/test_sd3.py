@@ -13,6 +13,7 @@ from PIL import Image, ImageFont
 from safetensors.torch import load_file
 
 from lightning_sd.cli import build_cli
+from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.families import SD3
 from lightning_sd.lora_io import read_safetensors
 
@@ -226,8 +227,8 @@ def test_text_cache_holds_t5_states_keyed_on_the_t5_length(tiny_sd3_dir, instanc
     def filled(length):
         module = StableDiffusionLoRA(str(tiny_sd3_dir), family=SD3(max_sequence_length=length))
         data = DreamBoothDataModule(
-            str(instance_dir), PROMPT, resolution=32, batch_size=2, cache_dir=str(tmp_path),
-            cache_text_embeddings=True,
+            str(instance_dir), PROMPT, resolution=32, loader=LoaderSettings(batch_size=2),
+            cache=CacheSettings(dir=str(tmp_path), text_embeddings=True),
         )  # fmt: skip
         data.setup("fit")
         stats = data.fill_cache(module)
