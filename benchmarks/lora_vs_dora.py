@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--probe-seeds", type=int, default=4, help="samples per probe prompt")
     parser.add_argument("--probe-steps", type=int, default=20, help="sampler steps of the probe")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 beside a job)")
     parser.add_argument("--out", default="benchmarks/results/lora_vs_dora")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     quiet()
     info, start = machine_info("cpu"), time.time()
     probe = SubjectProbe(seeds=list(range(args.probe_seeds)), steps=args.probe_steps)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     text = [
         "# LoRA vs DoRA on the pretrained tiny base (DreamBooth, held-out subject)",
         "",
-        f"`python benchmarks/lora_vs_dora.py --seeds {' '.join(map(str, args.seeds))}`: "
+        f"`python benchmarks/lora_vs_dora.py {' '.join(sys.argv[1:] if argv is None else argv)}`: "
         f"{args.steps} steps, batch 4, lr {args.learning_rate}, alpha = rank, attention targets; "
         f"mean ± std over {len(args.seeds)} seed(s). Base subject fidelity {base_fidelity:.3f}.",
         "",

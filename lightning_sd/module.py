@@ -13,6 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning_sd._version import __version__
 from lightning_sd.adapters import AdapterConfig, part_groups, prepare_trainable
 from lightning_sd.base_prior import BasePrior, adapters_disabled, with_base_prior
+from lightning_sd.compilation import check_backend, compile_denoiser
 from lightning_sd.components import load_components
 from lightning_sd.encoding import vae_encode, vae_scale_factor
 from lightning_sd.families import ModelFamily
@@ -26,6 +27,7 @@ from lightning_sd.optim import (
     lr_lambda,
 )
 from lightning_sd.pivotal import ExtendedEmbedding, PivotalTuning, add_tokens
+from lightning_sd.quantization import QuantizedBase, quantize_linear_layers
 from lightning_sd.resume import (
     apply_configured_learning_rates,
     check_learning_rates,
@@ -89,6 +91,14 @@ class StableDiffusionLoRA(LightningModule):
         lr_power: the exponent of the ``polynomial`` schedule.
         channels_last: keep the UNet's weights and inputs in channels-last memory format
             (faster convolutions with tensor cores).
+        compile: ``torch.compile`` the denoiser once, in place, after its adapters and
+            gradient checkpointing are set (checkpoint keys and exported files are unchanged);
+            the first step pays the compilation (``benchmarks/results/compile.md``).
+        compile_backend: the ``torch.compile`` backend: ``inductor`` (generated kernels) or
+            ``aot_eager`` (quick to compile, no speed-up; for checking a graph).
+        quantize_base: store the frozen denoiser's linear layers in 4-bit NF4 (QLoRA) or 8-bit
+            (``int8``) with bitsandbytes; the adapters stay float32 and export as usual (the
+            files load on an unquantized base). Not with adapter kind ``full``.
         heldout_seed: seeds the fixed noise and timesteps of the held-out validation loss.
         base_prior: prior preservation without class images (``BasePrior``): the adapted
             model's class-prompt output is pulled to the base's (adapters off) at the same
@@ -120,6 +130,9 @@ class StableDiffusionLoRA(LightningModule):
         lr_warmup_steps: int = 0,
         lr_power: float = 1.0,
         channels_last: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        quantize_base: QuantizedBase | None = None,
         heldout_seed: int = 0,
         family: ModelFamily | None = None,
         base_prior: BasePrior | None = None,
@@ -132,6 +145,7 @@ class StableDiffusionLoRA(LightningModule):
         )
         if lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
+        check_backend(compile_backend)
         # Every part is stored the way YAML writes it (plain data: checkpoints load with
         # torch.load(weights_only=True)) and rebuilt from that form by from_config.
         given = {
@@ -204,6 +218,12 @@ class StableDiffusionLoRA(LightningModule):
                 f"{self.adapter.kind!r} with init {self.adapter.init!r} changes the base "
                 "weights themselves: use class images (the data's class_data_dir) instead"
             )
+        if h.quantize_base is not None:  # before the adapters, which wrap the quantized layers
+            if self.adapter.kind == "full":
+                raise ValueError(
+                    "quantize_base needs adapters: adapter kind 'full' trains the base"
+                )
+            quantize_linear_layers(self.denoiser, h.quantize_base, compute_dtype=dtype)
         prepare_trainable(self.denoiser, self.adapter)
         for name, config in self.text_encoder_adapters().items():
             if name not in parts.text_encoders:
@@ -225,6 +245,8 @@ class StableDiffusionLoRA(LightningModule):
                 encoder.activation_checkpointing_enable({"use_reentrant": False})
         if h.channels_last:
             self.denoiser.to(memory_format=torch.channels_last)
+        if h.compile:  # last: it traces the adapted, checkpointed network
+            compile_denoiser(self.denoiser, h.compile_backend)
         if self.objective is None:
             self.objective = family.default_objective(parts.scheduler)
         else:

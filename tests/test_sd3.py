@@ -13,7 +13,6 @@ from PIL import Image, ImageFont
 from safetensors.torch import load_file
 
 from lightning_sd.cli import build_cli
-from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.families import SD3
 from lightning_sd.lora_io import read_safetensors
 
@@ -25,13 +24,14 @@ trainer:
   callbacks+:
     - class_path: lightning_sd.callbacks.validation_sampling.ValidationSampling
       init_args:
-        prompts: ["a photo of sks cat"]
-        seeds: [0]
+        sampling:
+          prompts: ["a photo of sks cat"]
+          seeds: [0]
+          steps: 2
+          guidance_scale: 4.0
+          sampler: {{class_path: lightning_sd.sampling.Euler}}
         every_n_steps: 3
         before_training: false
-        steps: 2
-        guidance_scale: 4.0
-        sampler: {{class_path: lightning_sd.sampling.Euler}}
         dirpath: {dirpath}
 """
 
@@ -223,12 +223,13 @@ def test_merge_on_sd3_reproduces_the_single_file(fitted, reloaded, tiny_sd3_dir,
 
 def test_text_cache_holds_t5_states_keyed_on_the_t5_length(tiny_sd3_dir, instance_dir, tmp_path):
     from lightning_sd import DreamBoothDataModule, StableDiffusionLoRA
+    from lightning_sd.data.settings import CacheSettings, LoaderSettings
 
     def filled(length):
         module = StableDiffusionLoRA(str(tiny_sd3_dir), family=SD3(max_sequence_length=length))
         data = DreamBoothDataModule(
             str(instance_dir), PROMPT, resolution=32, loader=LoaderSettings(batch_size=2),
-            cache=CacheSettings(dir=str(tmp_path), text_embeddings=True),
+            cache=CacheSettings(text_embeddings=True, dir=str(tmp_path)),
         )  # fmt: skip
         data.setup("fit")
         stats = data.fill_cache(module)
@@ -247,3 +248,39 @@ def test_text_cache_holds_t5_states_keyed_on_the_t5_length(tiny_sd3_dir, instanc
     _, shorter, stats = filled(16)
     assert (stats.texts_encoded, stats.texts_cached) == (1, 0)  # another length, another entry
     assert shorter["cond"]["t5_hidden_states"].shape == (2, 16, 32)
+
+
+def test_dreambooth_prior_on_sd3_generates_class_images_and_resumes_exactly(
+    tiny_sd3_dir, instance_dir, tmp_path
+):
+    """Prior preservation with class images the SD3 base generates, and a run continued from
+    its checkpoint ending with the uninterrupted run's LoRA, bit for bit."""
+    from lightning_sd.cli import main
+
+    def fit(root, steps, *extra):
+        main([
+            "fit", "--config", str(CONFIGS / "tiny.yaml"),
+            "--config", str(CONFIGS / "experiments" / "sd3_tiny.yaml"),
+            "--model.pretrained_model_name_or_path", str(tiny_sd3_dir),
+            "--model.learning_rate", "0.01",
+            "--data.instance_data_dir", str(instance_dir),
+            "--data.class_data_dir", str(tmp_path / "class"),
+            "--data.class_prompt", "a photo of a cat", "--data.num_class_images", "2",
+            "--data.class_generation_steps", "2", "--data.loader.batch_size", "1",
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
+            "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--export.dirpath", str(root / f"{steps}"),
+            *extra,
+        ])  # fmt: skip
+        return read_safetensors(root / f"{steps}" / "pytorch_lora_weights.safetensors")[0]
+
+    straight = fit(tmp_path / "straight", 4)
+    assert sorted(p.name for p in (tmp_path / "class").iterdir()) == [
+        "class_00000.png",
+        "class_00001.png",
+    ]
+    fit(tmp_path / "resumed", 2)
+    resumed = fit(tmp_path / "resumed", 4, "--ckpt_path", "last")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert any(".attn2." in k and straight[k].abs().max() > 0 for k in straight if "lora_B" in k)

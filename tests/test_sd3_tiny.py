@@ -52,3 +52,19 @@ def test_which_targets_reach_sd35_second_attention(sd3_dir, targets, in_attn2):
                if ".lora_A" in n}  # fmt: skip
     assert sum(".attn2." in n for n in adapted) == in_attn2
     assert sum(".attn." in n for n in adapted) == 4 * 2  # both blocks' joint attention
+
+
+def test_block_selection_adapts_only_those_transformer_blocks(sd3_dir):
+    from diffusers import SD3Transformer2DModel
+
+    from lightning_sd.adapters import AdapterConfig, add_adapter
+
+    transformer = SD3Transformer2DModel.from_pretrained(sd3_dir, subfolder="transformer")
+    add_adapter(transformer, AdapterConfig(rank=2, targets="attn", blocks=[1]))
+    adapted = {n.split(".")[1] for n, _ in transformer.named_parameters() if ".lora_A" in n}
+    assert adapted == {"1"}
+    # Block 1 is SD3's last, context-pre-only block: its context stream has no output layer.
+    modules = {n.split(".lora_A")[0].split(".", 2)[2] for n, _ in transformer.named_parameters()
+               if ".lora_A" in n}  # fmt: skip
+    assert modules == {f"attn.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                             "add_k_proj", "add_v_proj")}  # fmt: skip
