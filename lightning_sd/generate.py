@@ -14,7 +14,6 @@ from PIL import Image
 from lightning_sd.components import _model_index, resolve_model
 from lightning_sd.embeddings import EMBEDDINGS_NAME
 from lightning_sd.families import ModelFamily, check_family, family_from_index
-from lightning_sd.generation import generate_images
 from lightning_sd.grid import image_grid, save_image_atomic
 from lightning_sd.lora_check import (
     check_architecture,
@@ -33,6 +32,7 @@ from lightning_sd.objectives import DiffusionObjective
 from lightning_sd.sampling import DPMPP2M, Euler, Heun
 from lightning_sd.sampling_spec import SamplingSpec, sample_grid
 from lightning_sd.serialization import from_config
+from lightning_sd.text_to_image import generate_images
 
 __all__ = ["generate"]
 

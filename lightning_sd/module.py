@@ -18,7 +18,6 @@ from lightning_sd.components import load_components
 from lightning_sd.encoding import vae_encode, vae_scale_factor
 from lightning_sd.families import ModelFamily
 from lightning_sd.families.base import warn_if_contradicts
-from lightning_sd.generation import generate_images
 from lightning_sd.lora_io import load_lora_into
 from lightning_sd.objectives import DiffusionObjective
 from lightning_sd.optim import (
@@ -39,6 +38,7 @@ from lightning_sd.resume import (
 from lightning_sd.rng import gather_rng_states, restore_rng_states
 from lightning_sd.sampling import Sampler
 from lightning_sd.serialization import from_config, to_config
+from lightning_sd.text_to_image import generate_images
 
 __all__ = ["StableDiffusionLoRA"]
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lightning_sd import atomic
 from lightning_sd.atomic import atomic_path, write_atomic
-from lightning_sd.data.cache import LatentCache
+from lightning_sd.data.cache_store import LatentCache
 from lightning_sd.grid import save_image_atomic
 from lightning_sd.lora_io import write_safetensors
 from lightning_sd.model_card import write_model_card
@@ -89,7 +89,7 @@ def test_every_writer_goes_through_the_helper(tmp_path, monkeypatch):
 
     import lightning_sd.callbacks.fault_tolerance as fault_tolerance
     import lightning_sd.checkpoint_io as checkpoint_io
-    import lightning_sd.data.cache as cache
+    import lightning_sd.data.cache_store as cache
     import lightning_sd.grid as grid
     import lightning_sd.lora_io as lora_io
     import lightning_sd.model_card as model_card

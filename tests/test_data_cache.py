@@ -12,7 +12,7 @@ from lightning_sd.data import (
     LatentCache,
     SidecarCaptions,
 )
-from lightning_sd.data.cache import latent_key, model_fingerprint
+from lightning_sd.data.cache_store import latent_key, model_fingerprint
 from lightning_sd.data.keys import sample_generator, sample_key
 from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.encoding import vae_posterior

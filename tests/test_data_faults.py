@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from lightning_sd.data import BadImageError, CaptionDataModule, SidecarCaptions
-from lightning_sd.data.cache import LatentCache
+from lightning_sd.data.cache_store import LatentCache
 from lightning_sd.data.images import list_images
 
 

@@ -2,14 +2,18 @@
 
 from lightning_sd.data.base import ImageDataModule
 from lightning_sd.data.buckets import BucketBatchSampler, make_buckets
-from lightning_sd.data.cache import LatentCache
-from lightning_sd.data.caching import CacheStats, fill_cache
+from lightning_sd.data.cache_fill import CacheStats, fill_cache
+from lightning_sd.data.cache_store import LatentCache
 from lightning_sd.data.caption_datamodule import CaptionDataModule
 from lightning_sd.data.captions import CaptionTransform
 from lightning_sd.data.class_images import generate_class_images
-from lightning_sd.data.datamodule import DreamBoothDataModule
 from lightning_sd.data.dataset import ImageCaptionDataset
-from lightning_sd.data.dreambooth import InstanceDataset, PriorPreservationDataset, collate_pairs
+from lightning_sd.data.dreambooth_datamodule import DreamBoothDataModule
+from lightning_sd.data.dreambooth_datasets import (
+    InstanceDataset,
+    PriorPreservationDataset,
+    collate_pairs,
+)
 from lightning_sd.data.images import BadImageError, MissingCaptionError, list_images, open_rgb
 from lightning_sd.data.records import ImageRecord, scan_items
 from lightning_sd.data.settings import CacheSettings, LoaderSettings

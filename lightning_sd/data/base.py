@@ -18,8 +18,8 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sd.data.buckets import BucketBatchSampler
-from lightning_sd.data.cache import LatentCache
-from lightning_sd.data.caching import CacheStats, fill_cache
+from lightning_sd.data.cache_fill import CacheStats, fill_cache
+from lightning_sd.data.cache_store import LatentCache
 from lightning_sd.data.loader import ResumableDataLoader
 from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.serialization import from_config, to_config

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from lightning_sd.data.base import ImageDataModule, check_positive
 from lightning_sd.data.buckets import make_buckets
-from lightning_sd.data.caching import check_fixed_crops
+from lightning_sd.data.cache_fill import check_fixed_crops
 from lightning_sd.data.captions import CaptionTransform
 from lightning_sd.data.dataset import ImageCaptionDataset
 from lightning_sd.data.records import ImageRecord, scan_items

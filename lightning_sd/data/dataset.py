@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from lightning_sd.data.cache import LatentCache
+from lightning_sd.data.cache_store import LatentCache
 from lightning_sd.data.captions import CaptionTransform
 from lightning_sd.data.keys import sample_generator, split_key
 from lightning_sd.data.records import ImageRecord

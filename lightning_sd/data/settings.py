@@ -37,7 +37,7 @@ class LoaderSettings:
 
 @dataclass
 class CacheSettings:
-    """The latent / text-embedding cache (``data/cache.py``): entries are content-keyed, so one
+    """The latent / text-embedding cache (``data/cache_store.py``): entries are content-keyed, so one
     folder serves every run and dataset safely.
 
     Attributes:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_sd.data.cache import LatentCache, latent_key, model_fingerprint, text_key
+from lightning_sd.data.cache_store import LatentCache, latent_key, model_fingerprint, text_key
 from lightning_sd.data.dataset import CachedView, ImageCaptionDataset
 from lightning_sd.data.records import ImageRecord
 from lightning_sd.data.transforms import CropPlan

@@ -7,10 +7,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_sd.data.base import ImageDataModule, check_positive
-from lightning_sd.data.caching import check_fixed_crops
+from lightning_sd.data.cache_fill import check_fixed_crops
 from lightning_sd.data.class_images import count_images, generate_class_images
 from lightning_sd.data.dataset import ImageCaptionDataset
-from lightning_sd.data.dreambooth import InstanceDataset, PriorPreservationDataset, collate_pairs
+from lightning_sd.data.dreambooth_datasets import (
+    InstanceDataset,
+    PriorPreservationDataset,
+    collate_pairs,
+)
 from lightning_sd.data.settings import CacheSettings, LoaderSettings
 from lightning_sd.data.transforms import ImageTransform
 
