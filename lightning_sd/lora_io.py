@@ -103,7 +103,7 @@ def residual_free(state: dict, initial: dict) -> dict:
     """A PiSSA/OLoRA adapter as a plain LoRA on the original base: rank 2r, same scale.
 
     The base holds W - s B0 A0 and the adapter adds s B A, so the update of the original W is
-    s (B A - B0 A0) = s [B, B0] [A; -A0] (peft's ``path_initial_model_for_weight_conversion``).
+    ``s (B A - B0 A0) = s [B, B0] [A; -A0]`` (peft's ``path_initial_model_for_weight_conversion``).
     """
     out = {}
     for key, tensor in state.items():
