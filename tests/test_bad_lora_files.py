@@ -111,7 +111,7 @@ def test_an_sdxl_lora_on_an_sd1_base_is_named_another_architecture(
 ):
     """Before: fit told to configure more adapters; now: the file is for another family."""
     match = (
-        f"{sdxl_lora_file} is a LoRA for an SDXL-family \\(two text encoders\\) base, but "
+        f"{sdxl_lora_file} is a LoRA for an SDXL-family \\(two text encoders, a UNet\\) base, but "
         ".* is SD1.x/2.x \\(one text encoder\\)"
     )
     with pytest.raises(LoRAFileError, match=match):
