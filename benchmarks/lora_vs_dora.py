@@ -77,7 +77,7 @@ def cell(kind, rank, seed, args, probe, base_samples, tmp: Path) -> dict:
         fidelity=probe.fidelity(after),
         drift_class=drift["class"], drift_unrelated=drift["unrelated"],
         heldout_loss=float(val),
-        step_ms=summarize_steps(timer.steps(5))["median_step_s"] * 1e3,
+        step_ms=summarize_steps(timer.steps(min(5, args.steps - 2)))["median_step_s"] * 1e3,
         params=sum(p.numel() for p in module.parameters() if p.requires_grad),
         file_mb=export["diffusers"].stat().st_size / 2**20,
     )  # fmt: skip
