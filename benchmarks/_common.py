@@ -241,6 +241,23 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     write_atomic(path, data, "result")
 
 
+def mean_over_seeds(runs: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """One row per distinct ``keys`` (first-seen order): the mean of every other numeric
+    column over its runs, ``<column>_std`` beside it (0 for one run) and ``seeds``."""
+    import statistics
+
+    out = []
+    for key in dict.fromkeys(tuple(r[k] for k in keys) for r in runs):
+        group = [r for r in runs if tuple(r[k] for k in keys) == key]
+        row = dict(zip(keys, key, strict=True), seeds=len(group))
+        for col in [c for c in group[0] if c not in (*keys, "seed")]:
+            values = [float(r[col]) for r in group]
+            row[col] = statistics.fmean(values)
+            row[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(row)
+    return out
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

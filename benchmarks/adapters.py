@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from _common import (  # noqa: E402
     describe_machine,
     machine_info,
     markdown_table,
+    mean_over_seeds,
     quiet,
     save_figure,
     summarize_steps,
@@ -151,19 +151,6 @@ def cell(name, variant, rank, seed, args, probe, base_samples, tmp: Path, class_
     )  # fmt: skip
 
 
-def aggregate(runs: list[dict]) -> list[dict]:
-    out = []
-    for key in dict.fromkeys(r["variant"] for r in runs):
-        group = [r for r in runs if r["variant"] == key]
-        row = dict(variant=key, rank=group[0]["rank"], seeds=len(group))
-        for col in [c for c in group[0] if c not in ("variant", "rank", "seed")]:
-            values = [float(r[col]) for r in group]
-            row[col] = statistics.fmean(values)
-            row[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        out.append(row)
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-pretrained")
@@ -213,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[-1]["prep_s"] = prep.get(name, 0.0)
                 print({k: round(v, 4) if isinstance(v, float) else v
                        for k, v in runs[-1].items()}, flush=True)  # fmt: skip
-    rows = aggregate(runs)
+    rows = mean_over_seeds(runs, ("variant", "rank"))
     out = Path(args.out)
     write_csv(out.with_name(out.name + "_runs.csv"), runs)
     write_csv(out.with_suffix(".csv"), rows)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from _common import (  # noqa: E402
     describe_machine,
     machine_info,
     markdown_table,
+    mean_over_seeds,
     quiet,
     save_figure,
     summarize_steps,
@@ -83,19 +83,6 @@ def cell(kind, rank, seed, args, probe, base_samples, tmp: Path) -> dict:
     )  # fmt: skip
 
 
-def aggregate(runs: list[dict]) -> list[dict]:
-    out = []
-    for key in dict.fromkeys((r["kind"], r["rank"]) for r in runs):
-        group = [r for r in runs if (r["kind"], r["rank"]) == key]
-        row = dict(kind=key[0], rank=key[1], seeds=len(group))
-        for col in [c for c in group[0] if c not in ("kind", "rank", "seed")]:
-            values = [float(r[col]) for r in group]
-            row[col] = statistics.fmean(values)
-            row[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        out.append(row)
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-pretrained")
@@ -125,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                     runs.append(cell(kind, rank, seed, args, probe, base_samples, Path(tmp)))
                     print({k: round(v, 4) if isinstance(v, float) else v
                            for k, v in runs[-1].items()}, flush=True)  # fmt: skip
-    rows = aggregate(runs)
+    rows = mean_over_seeds(runs, ("kind", "rank"))
     out = Path(args.out)
     write_csv(out.with_name(out.name + "_runs.csv"), runs)
     write_csv(out.with_suffix(".csv"), rows)

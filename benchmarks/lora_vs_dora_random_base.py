@@ -51,6 +51,7 @@ from _common import (  # noqa: E402
     make_datamodule,
     make_module,
     markdown_table,
+    mean_over_seeds,
     memory_label,
     quiet,
     save_figure,
@@ -118,21 +119,6 @@ def cell(kind: str, rank: int, seed: int, args, model: str, photos: Path, tmp: P
     return row
 
 
-def aggregate(runs: list[dict]) -> list[dict]:
-    """Mean over seeds per (kind, rank), with ``<column>_std`` when there are several seeds."""
-    out = []
-    for key in dict.fromkeys((r["kind"], r["rank"]) for r in runs):
-        group = [r for r in runs if (r["kind"], r["rank"]) == key]
-        row = dict(kind=key[0], rank=key[1], seeds=len(group))
-        for col in [c for c in group[0] if c not in ("kind", "rank", "seed")]:
-            values = [float(r[col]) for r in group]
-            row[col] = statistics.fmean(values)
-            if len(group) > 1:
-                row[f"{col}_std"] = statistics.stdev(values)
-        out.append(row)
-    return out
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     from lightning_sd.tiny import PRESETS, build_tiny_pipeline
 
@@ -183,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{r['val_loss_before']:.4f} -> {r['val_loss']:.4f}, "
                 f"FID-Lite0 {r['fid_efficientnet_lite0']:.2f}"
             )
-    rows = aggregate(runs)
+    rows = mean_over_seeds(runs, ("kind", "rank"))
     report(Path(args.out), runs, rows, args, info, data_desc)
     return rows
 
@@ -210,8 +196,8 @@ def report(out: Path, runs, rows, args, info, data_desc: str) -> None:
     extra = [c for c in rows[0] if c.startswith(("clip", "kid")) and not c.endswith("_std")]
 
     def cell_text(r, col, digits):
-        std = r.get(f"{col}_std")
-        return f"{r[col]:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+        std = f" ± {r[f'{col}_std']:.{digits}f}" if r["seeds"] > 1 else ""
+        return f"{r[col]:.{digits}f}" + std
 
     header = ["kind", "rank", "trainable params", "file MiB", "median step ms", "fastest ms",
               "CPU ms/step", f"peak MiB ({memory_label(args.device)})", "of which training MiB",
